@@ -1,0 +1,103 @@
+"""One attention entry point for DiT blocks over dense, padded or packed token sets (DESIGN.md §4).
+
+DC-DiT's inner blocks see a different number of kept tokens M_b per sample. Two layouts:
+- padded: (B, Mmax, D) with a key-padding mask; simple, but padding slots cost FLOPs everywhere.
+- packed: the valid tokens of all samples concatenated, (T, D) with T = sum_b M_b and cu_seqlens
+  offsets (the flash-attn varlen convention). No FLOPs are spent on padding in any layer.
+Both give the same numbers to fp32 tolerance; a plain DiT uses neither (layout=None, dense).
+
+The packed path runs flash-attn's varlen kernel when it is importable and the inputs are CUDA
+fp16/bf16; otherwise PyTorch's own variable-length attention: jagged nested tensors through
+`scaled_dot_product_attention`, which works on CPU, CUDA and ROCm without flash-attn.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional: source-only CUDA build, never a requirement
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_varlen_func = None
+
+
+@dataclass
+class TokenLayout:
+    """Where the inner tokens of a batch live; built once per forward, shared by every block."""
+    valid: torch.Tensor        # (B, Mmax) bool, real (kept) slots; padding slots are False
+    packed: bool               # True: blocks run on (T, D); False: on (B, Mmax, D) with a key mask
+    cu_seqlens: torch.Tensor   # (B+1,) int32 offsets of each sample in the packed token axis
+    max_seqlen: int            # Mmax
+    batch_idx: torch.Tensor    # (T,) long, sample of each packed token
+    flat_idx: torch.Tensor     # (T,) long, position of each packed token in the flattened (B*Mmax,) slots
+
+    @classmethod
+    def build(cls, valid: torch.Tensor, packed: bool) -> "TokenLayout":
+        B, Mmax = valid.shape
+        counts = valid.sum(1)                                             # (B,)
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=valid.device)
+        cu[1:] = counts.cumsum(0)
+        flat_idx = valid.flatten().nonzero().squeeze(1)                   # (T,)
+        batch_idx = torch.div(flat_idx, Mmax, rounding_mode="floor")      # (T,)
+        return cls(valid, packed, cu, Mmax, batch_idx, flat_idx)
+
+    def pack(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, Mmax, D) -> (T, D) if packed, else unchanged."""
+        if not self.packed:
+            return z
+        return z.flatten(0, 1).index_select(0, self.flat_idx)            # (T, D)
+
+    def unpack(self, h: torch.Tensor) -> torch.Tensor:
+        """(T, D) -> (B, Mmax, D) with zeros at padding; a padded layout is returned unchanged."""
+        if not self.packed:
+            return h
+        B, Mmax = self.valid.shape
+        out = h.new_zeros(B * Mmax, h.shape[-1])
+        out = out.index_copy(0, self.flat_idx, h)                         # (B*Mmax, D)
+        return out.view(B, Mmax, -1)                                      # (B, Mmax, D)
+
+    def per_token(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-sample vectors (B, K) broadcastable against the tokens: (T, K) packed, (B, 1, K) padded."""
+        if self.packed:
+            return v.index_select(0, self.batch_idx)                      # (T, K)
+        return v.unsqueeze(1)                                             # (B, 1, K)
+
+
+def _packed_attention(q, k, v, layout: TokenLayout) -> torch.Tensor:
+    """q, k, v (T, H, Dh) -> (T, H, Dh), each sample attending only to its own tokens."""
+    if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        m = layout.max_seqlen
+        return flash_attn_varlen_func(q, k, v, layout.cu_seqlens, layout.cu_seqlens, m, m)
+    offsets = layout.cu_seqlens.long()
+    nq, nk, nv = (torch.nested.nested_tensor_from_jagged(t, offsets, max_seqlen=layout.max_seqlen)
+                  .transpose(1, 2) for t in (q, k, v))                    # (B, H, j, Dh) jagged
+    out = F.scaled_dot_product_attention(nq, nk, nv)                      # (B, H, j, Dh) jagged
+    return out.transpose(1, 2).values()                                   # (T, H, Dh)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with DiT's parameter names (`qkv`, `proj`, qkv with bias)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, layout: Optional[TokenLayout] = None) -> torch.Tensor:
+        H = self.num_heads
+        if layout is not None and layout.packed:
+            T, D = x.shape
+            # Contiguous q/k/v: jagged SDPA rejects strided views on some builds (it probes CUDA kernels).
+            q, k, v = self.qkv(x).view(T, 3, H, D // H).transpose(0, 1).contiguous().unbind(0)  # 3 x (T, H, Dh)
+            out = _packed_attention(q, k, v, layout).reshape(T, D)        # (T, D)
+            return self.proj(out)
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
+        mask = None if layout is None else layout.valid[:, None, None, :]  # (B, 1, 1, N) key mask
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)  # (B, H, N, Dh)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))            # (B, N, D)
