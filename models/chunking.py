@@ -1,0 +1,125 @@
+"""Chunk and de-chunk (paper §3.3 "Batched chunking and padding", §3.4; DESIGN.md §4).
+
+chunk gathers each sample's boundary tokens, in raster order, into a batch padded to Mmax;
+dechunk blends the processed boundary tokens with a confidence-weighted Gaussian kernel on the
+(row, col) grid and plugs every one of the L positions back from its nearest kept token.
+
+Padding slots exist only to give the batch a rectangular shape. They are masked out of smoothing
+and plug-back here (and out of attention by the caller), so a sample's output never depends on
+what else is in its batch. Memory stays O(B * L * Mmax): no (L, L) tensor is ever built.
+"""
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+_P_MIN = 1e-4  # p clamp of §3.4 (authors' release): keeps (1 - p) and the kernel weights non-zero
+_NORM_EPS = 1e-8  # guard of the kernel normalisation (authors' release)
+
+
+def grid_coords(idx: Tensor, grid: Tuple[int, int]) -> Tensor:
+    """(row, col) of raster positions idx (any shape) on grid = (H, W), as float32 (..., 2).
+
+    Used for the Gaussian kernel, for plug-back and for the positional embedding of kept tokens.
+    """
+    W = int(grid[1])
+    return torch.stack([torch.div(idx, W, rounding_mode="floor"), idx % W], dim=-1).float()
+
+
+def chunk(x: Tensor, mask: Tensor, prob: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gather the kept tokens of every sample into a padded batch.
+
+    x (B, L, D) any dtype, mask (B, L) bool (kept tokens), prob (B, L) boundary probabilities.
+    Returns z (B, Mmax, D) in x's dtype (differentiable w.r.t. x), valid (B, Mmax) bool and
+    idx (B, Mmax) long raster positions. Slots [0, M_b) hold sample b's kept tokens in raster order;
+    slots [M_b, Mmax) hold its highest-p non-boundary tokens in decreasing p (the paper's padding;
+    ties among equal p are in topk's order), marked invalid.
+
+    One host sync: Mmax (and the smallest M) must be known on the host to allocate the batch.
+    """
+    if x.dim() != 3 or mask.shape != x.shape[:2] or prob.shape != x.shape[:2]:
+        raise ValueError(f"chunk expects x (B, L, D), mask and prob (B, L); got x {tuple(x.shape)}, "
+                         f"mask {tuple(mask.shape)}, prob {tuple(prob.shape)}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"chunk expects a bool mask, got {mask.dtype}")
+    B, L, D = x.shape
+    count = mask.sum(1)  # (B,) M_b
+    m_max, m_min = torch.stack([count.max(), count.min()]).tolist()  # the one host sync
+    if m_min < 1:
+        raise ValueError("chunk: every sample needs at least one kept token (routers force the first "
+                         "and last raster tokens); got a sample with none")
+    slots = torch.arange(m_max, device=x.device)  # (Mmax,)
+    valid = slots.unsqueeze(0) < count.unsqueeze(1)  # (B, Mmax)
+
+    # Kept tokens: slot = running count - 1 (raster order, no sort); others go to a spare column.
+    slot_of = torch.where(mask, mask.long().cumsum(1) - 1, m_max)  # (B, L)
+    positions = torch.arange(L, device=x.device).expand(B, L)  # (B, L)
+    kept_idx = torch.zeros(B, m_max + 1, dtype=torch.long, device=x.device)  # (B, Mmax + 1)
+    kept_idx.scatter_(1, slot_of, positions)
+    idx = kept_idx[:, :m_max]  # (B, Mmax)
+
+    n_pad = m_max - m_min  # most padding any sample needs
+    if n_pad > 0:
+        # Sample b needs Mmax - M_b <= L - M_b pads, so its picks are all finite (non-boundary).
+        score = prob.detach().masked_fill(mask, float("-inf"))  # (B, L)
+        pad_pos = score.topk(n_pad, dim=1, sorted=True).indices  # (B, n_pad) decreasing p
+        rank = (slots.unsqueeze(0) - count.unsqueeze(1)).clamp(0, n_pad - 1)  # (B, Mmax)
+        idx = torch.where(valid, idx, pad_pos.gather(1, rank))  # (B, Mmax)
+
+    z = x.gather(1, idx.unsqueeze(-1).expand(B, m_max, D))  # (B, Mmax, D)
+    return z, valid, idx
+
+
+def plug_back_index(idx: Tensor, valid: Tensor, grid: Tuple[int, int]) -> Tensor:
+    """For each of the L grid positions, the slot of its nearest valid kept token: (B, L) long.
+
+    Squared Euclidean grid distance, built as a (B, L, Mmax) tensor from coordinate differences
+    (exact for integer coordinates, unlike a matmul expansion, which TF32 would round). Invalid
+    slots get +inf. Ties go to the lower raster index: valid slots are in raster order and all come
+    before the padding slots, and argmin returns the first minimum.
+    """
+    H, W = int(grid[0]), int(grid[1])
+    L = H * W
+    kept = grid_coords(idx, grid)  # (B, Mmax, 2)
+    every = grid_coords(torch.arange(L, device=idx.device), grid)  # (L, 2)
+    d_row = every[None, :, None, 0] - kept[:, None, :, 0]  # (B, L, Mmax)
+    d_col = every[None, :, None, 1] - kept[:, None, :, 1]  # (B, L, Mmax)
+    dist = (d_row * d_row + d_col * d_col).masked_fill(~valid.unsqueeze(1), float("inf"))  # (B, L, Mmax)
+    return dist.argmin(dim=2)  # (B, L)
+
+
+def dechunk(z: Tensor, prob: Tensor, idx: Tensor, valid: Tensor, grid: Tuple[int, int],
+            sigma: float) -> Tensor:
+    """De-chunking (§3.4): confidence-weighted Gaussian smoothing of kept tokens, then plug-back.
+
+    z (B, Mmax, D) processed kept tokens, prob (B, L), idx/valid from `chunk`, grid = (H, W),
+    sigma in grid cells (1.0 at 256px). With p clamped to [1e-4, 1 - 1e-4] and gathered at idx:
+        K_ij = exp(-|pos_i - pos_j|^2 / (2 sigma^2)),  W_ij = K_ij p_j valid_i valid_j,
+        s_i = sum_j W_ij z_j / (sum_j W_ij + 1e-8),   o_i = p_i z_i + (1 - p_i) s_i,
+    the 2D analogue of H-Net's EMA: confident boundaries keep their features, uncertain ones are
+    pulled towards confident neighbours. Each grid position then takes o of its nearest valid kept
+    token (`plug_back_index`). Runs in float32 (autocast off); returns (B, L, D) float32.
+    """
+    if not sigma > 0:
+        raise ValueError(f"dechunk sigma must be > 0, got {sigma}")
+    if z.shape[:2] != idx.shape or valid.shape != idx.shape:
+        raise ValueError(f"dechunk expects z (B, Mmax, D), idx and valid (B, Mmax); got z "
+                         f"{tuple(z.shape)}, idx {tuple(idx.shape)}, valid {tuple(valid.shape)}")
+    B, m_max, D = z.shape
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        # Zero the padding so nothing there (even inf/nan) can reach a valid token through 0 * z.
+        z = z.float().masked_fill(~valid.unsqueeze(-1), 0.0)  # (B, Mmax, D)
+        p = prob.float().gather(1, idx).clamp(_P_MIN, 1.0 - _P_MIN)  # (B, Mmax)
+        pos = grid_coords(idx, grid)  # (B, Mmax, 2)
+        d_row = pos[:, :, None, 0] - pos[:, None, :, 0]  # (B, Mmax, Mmax)
+        d_col = pos[:, :, None, 1] - pos[:, None, :, 1]  # (B, Mmax, Mmax)
+        kernel = torch.exp(-(d_row * d_row + d_col * d_col) / (2.0 * sigma * sigma))  # (B, Mmax, Mmax)
+        pair = (valid.unsqueeze(2) & valid.unsqueeze(1)).float()  # (B, Mmax, Mmax)
+        weight = kernel * p.unsqueeze(1) * pair  # (B, Mmax, Mmax) W_ij
+        weight = weight / (weight.sum(-1, keepdim=True) + _NORM_EPS)  # (B, Mmax, Mmax)
+        smoothed = torch.bmm(weight, z)  # (B, Mmax, D)
+        p = p.unsqueeze(-1)  # (B, Mmax, 1)
+        out = p * z + (1.0 - p) * smoothed  # (B, Mmax, D)
+        slot = plug_back_index(idx, valid, grid)  # (B, L)
+        return out.gather(1, slot.unsqueeze(-1).expand(B, slot.shape[1], D))  # (B, L, D)
