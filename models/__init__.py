@@ -1,0 +1,38 @@
+"""Model registries and the one constructor scripts use: `create_model(cfg.model)`."""
+from .dc_dit import DCDiT, DCDiT_models
+from .dit import DiT, DiT_models
+
+
+class ModelConfigError(ValueError):
+    """A model name or size that the registries cannot build (printed as one line by scripts)."""
+    user_error = True
+
+
+def is_dcdit(name: str) -> bool:
+    return name in DCDiT_models
+
+
+def create_model(model_cfg):
+    """Build a DiT or a DC-DiT from a `config.ModelConfig` (registry name + overrides)."""
+    name = model_cfg.name
+    common = dict(input_size=model_cfg.input_size, in_channels=model_cfg.in_channels,
+                  num_classes=model_cfg.num_classes, class_dropout_prob=model_cfg.class_dropout_prob,
+                  learn_sigma=model_cfg.learn_sigma, mlp_ratio=model_cfg.mlp_ratio,
+                  grad_checkpointing=model_cfg.grad_checkpointing)
+    for key in ("depth", "hidden_size", "num_heads"):
+        value = getattr(model_cfg, key)
+        if value is not None:
+            common[key] = value
+    if name in DiT_models:
+        return DiT_models[name](**common)
+    if name in DCDiT_models:
+        return DCDiT_models[name](
+            **common, encoder_width=model_cfg.encoder_width, norm_groups=model_cfg.norm_groups,
+            router=model_cfg.router, downsample_factor=model_cfg.downsample_factor,
+            dechunk_sigma=model_cfg.dechunk_sigma, pos_scale=model_cfg.pos_scale,
+            cond_adaptor=model_cfg.cond_adaptor, attention=model_cfg.attention)
+    choices = ", ".join(list(DiT_models) + list(DCDiT_models))
+    raise ModelConfigError(f"model.name {name!r} is not a known model; expected one of: {choices}")
+
+
+__all__ = ["DiT", "DiT_models", "DCDiT", "DCDiT_models", "create_model", "is_dcdit", "ModelConfigError"]

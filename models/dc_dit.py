@@ -1,0 +1,176 @@
+"""DC-DiT: the Dynamic Chunking Diffusion Transformer (paper §3, DESIGN.md §3).
+
+encoder -> router -> chunk -> DiT blocks on the kept tokens -> dechunk -> residual -> decoder.
+The inner blocks, t_embedder and y_embedder are DiT's modules under DiT's names, so a public DiT
+checkpoint's `blocks.*` load straight into `blocks.*` here (upcycling, §4.4).
+"""
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .attention import TokenLayout
+from .chunking import chunk, dechunk, grid_coords
+from .dit import DIT_SIZES, DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, guided_eps, run_blocks
+from .isotropic import Decoder, Encoder
+from .pos_embed import sincos_2d
+from .routing import RouterOutput, build_router
+from .routing import tail_drop as drop_lowest_boundaries
+
+Fraction = Union[float, torch.Tensor]
+
+
+class _STE(torch.autograd.Function):
+    """Straight-through estimator (H-Net): ones in the forward pass, identity gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.ones_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def ste(x: torch.Tensor) -> torch.Tensor:
+    return _STE.apply(x)
+
+
+@dataclass
+class ChunkInfo:
+    """Per-sample routing statistics of one forward (returned with return_info=True, never cached)."""
+    router: RouterOutput   # prob (B, L), mask (B, L) kept after tail dropping, natural_mask (B, L), selected (B, L)
+    kept: torch.Tensor     # (B,) long, tokens the inner blocks ran for each sample (M_b after tail dropping)
+    grid: tuple            # (H, W) token grid
+
+
+class DCDiT(nn.Module):
+    def __init__(self, input_size: int = 32, in_channels: int = 4, hidden_size: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
+                 num_classes: int = 1000, learn_sigma: bool = True, encoder_width: Optional[int] = None,
+                 norm_groups: int = 32, router: str = "cosine", downsample_factor: float = 4.0,
+                 dechunk_sigma: float = 1.0, pos_scale: float = 1.0, cond_adaptor: bool = False,
+                 attention: str = "packed", grad_checkpointing: bool = False):
+        super().__init__()
+        if attention not in ("packed", "padded"):
+            raise ValueError(f"attention must be 'packed' or 'padded', got {attention!r}")
+        self.input_size = input_size
+        self.grid = (input_size, input_size)
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.downsample_factor = downsample_factor
+        self.dechunk_sigma = dechunk_sigma
+        self.pos_scale = pos_scale
+        self.packed = attention == "packed"
+        self.grad_checkpointing = grad_checkpointing
+        width = encoder_width or hidden_size // 4
+
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.encoder = Encoder(in_channels, width, hidden_size, norm_groups, cond_adaptor)
+        self.router = build_router(router, hidden_size, downsample_factor)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.residual_proj = nn.Linear(hidden_size, hidden_size)
+        self.decoder = Decoder(width, hidden_size, norm_groups, cond_adaptor)
+        self.final_layer = FinalLayer(width, 1, self.out_channels, cond_size=hidden_size)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        # Linear layers: xavier-uniform, zero bias (DiT), except those marked `_no_reinit`
+        # (the router's identity-initialised projections, H-Net's convention).
+        self.residual_proj.weight._no_reinit = True
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                if not getattr(m.weight, "_no_reinit", False):
+                    nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None and not getattr(m.bias, "_no_reinit", False):
+                    nn.init.zeros_(m.bias)
+        # Residual path starts at zero (H-Net): the decoder first sees only dechunked features.
+        nn.init.zeros_(self.residual_proj.weight)
+        # Embedders: N(0, 0.02) as DiT.
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero inner blocks and a zero output layer (DiT). Convs keep PyTorch's default init (LDM).
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def pos_embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, Mmax) raster positions -> (B, Mmax, D) sin-cos at each kept token's own (row, col)."""
+        coords = grid_coords(idx, self.grid) * self.pos_scale                    # (B, Mmax, 2)
+        return sincos_2d(coords, self.hidden_size)                               # (B, Mmax, D)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_info: bool = False,
+                tail_drop: Fraction = 0.0, force_drop_ids: Optional[torch.Tensor] = None):
+        """x (B, C, H, W), t (B,), y (B,) -> (B, out_channels, H, W) [, ChunkInfo].
+
+        tail_drop: elastic inference fraction f, a float or a per-sample (B,) tensor in [0, 1).
+        """
+        if x.shape[-2:] != self.grid:
+            raise ValueError(f"input grid {tuple(x.shape[-2:])} does not match the model's {self.grid}")
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
+        enc = self.encoder(x, c)                                                 # (B, L, D)
+        r = self.router(enc, self.grid)                                          # RouterOutput, each (B, L)
+        if torch.is_tensor(tail_drop) or tail_drop > 0:
+            r.mask = drop_lowest_boundaries(r.prob, r.natural_mask, tail_drop)  # (B, L)
+        z, valid, idx = chunk(enc, r.mask, r.prob)                               # (B, Mmax, D), (B, Mmax) x2
+        z = z + self.pos_embed(idx).to(z.dtype)                                  # (B, Mmax, D)
+        layout = TokenLayout.build(valid, self.packed)
+        h = layout.pack(z)                                                       # (T, D) packed | (B, Mmax, D)
+        h = run_blocks(self.blocks, h, c, layout, self.grad_checkpointing)      # same shape
+        z = layout.unpack(h)                                                     # (B, Mmax, D)
+        u = dechunk(z, r.prob, idx, valid, self.grid, self.dechunk_sigma)       # (B, L, D) fp32
+        u = u.to(enc.dtype) * ste(r.selected).unsqueeze(-1).to(enc.dtype)      # (B, L, D)
+        u = u + self.residual_proj(enc)                                          # (B, L, D)
+        h = self.decoder(u, c, self.grid)                                        # (B, L, E)
+        h = self.final_layer(h, c)                                               # (B, L, out)
+        B, L, C = h.shape
+        out = h.transpose(1, 2).reshape(B, C, *self.grid)                        # (B, out, H, W)
+        if return_info:
+            return out, ChunkInfo(router=r, kept=valid.sum(1), grid=self.grid)
+        return out
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         guide_channels: int = 3, tail_drop: Fraction = 0.0,
+                         uncond_tail_drop: Optional[float] = None, return_info: bool = False):
+        """Classifier-free guidance on x = [cond half; uncond half] (DiT's convention).
+
+        Lite-CFG: with `uncond_tail_drop` set, the conditional half keeps budget `tail_drop` and the
+        unconditional half `uncond_tail_drop`, in one packed batch, so the guidance branch really
+        runs fewer tokens.
+        """
+        n = len(x) // 2
+        half = x[:n]
+        fraction: Fraction = tail_drop
+        if uncond_tail_drop is not None:
+            fraction = torch.cat([torch.full((n,), float(tail_drop)), torch.full((n,), float(uncond_tail_drop))])
+            fraction = fraction.to(x.device)
+        res = self.forward(torch.cat([half, half], dim=0), t, y, return_info=return_info, tail_drop=fraction)
+        out, info = res if return_info else (res, None)
+        guided = guided_eps(out, cfg_scale, guide_channels, self.in_channels)
+        return (guided, info) if return_info else guided
+
+
+def _dcdit_factory(size: str):
+    depth, hidden, heads = DIT_SIZES[size]
+
+    def make(**kwargs) -> DCDiT:
+        kwargs.setdefault("depth", depth)
+        kwargs.setdefault("hidden_size", hidden)
+        kwargs.setdefault("num_heads", heads)
+        return DCDiT(**kwargs)
+
+    make.__name__ = f"DCDiT_{size}"
+    return make
+
+
+# Inner DiT sizes as DiT's registry; the compression target N is a config value (downsample_factor).
+DCDiT_models = {f"DCDiT-{size}": _dcdit_factory(size) for size in DIT_SIZES}
