@@ -6,9 +6,14 @@ DC-DiT's inner blocks see a different number of kept tokens M_b per sample. Two 
   offsets (the flash-attn varlen convention). No FLOPs are spent on padding in any layer.
 Both give the same numbers to fp32 tolerance; a plain DiT uses neither (layout=None, dense).
 
-The packed path runs flash-attn's varlen kernel when it is importable and the inputs are CUDA
-fp16/bf16; otherwise PyTorch's own variable-length attention: jagged nested tensors through
-`scaled_dot_product_attention`, which works on CPU, CUDA and ROCm without flash-attn.
+The packed path picks the fastest exact kernel available:
+- CUDA/ROCm fp16/bf16: flash-attn's varlen kernel when importable, else PyTorch's own
+  `torch.nn.attention.varlen.varlen_attn` (no flash-attn build needed);
+- other GPU dtypes: jagged nested tensors through `scaled_dot_product_attention`;
+- CPU: no varlen kernel exists, so each sample's slice of the packed tokens goes through the fused
+  SDPA kernel (`split` views, one `cat`). Measured on 2 CPU cores, B=64, H=4, Dh=32, M ~ U(2, 460),
+  forward+backward: 0.06 s, vs 0.40 s padded with a key mask and 2.5 s for jagged SDPA (its CPU
+  path is unfused math). No FLOPs are spent on padding on any of these paths.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -21,6 +26,10 @@ try:  # optional: source-only CUDA build, never a requirement
     from flash_attn import flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = None
+try:  # PyTorch's own varlen flash attention (CUDA only), present in recent releases
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - depends on the torch version
+    varlen_attn = None
 
 
 @dataclass
@@ -32,6 +41,7 @@ class TokenLayout:
     max_seqlen: int            # Mmax
     batch_idx: torch.Tensor    # (T,) long, sample of each packed token
     flat_idx: torch.Tensor     # (T,) long, position of each packed token in the flattened (B*Mmax,) slots
+    seqlens: list              # B python ints M_b (host copy; the CPU kernel splits by them)
 
     @classmethod
     def build(cls, valid: torch.Tensor, packed: bool) -> "TokenLayout":
@@ -39,9 +49,10 @@ class TokenLayout:
         counts = valid.sum(1)                                             # (B,)
         cu = torch.zeros(B + 1, dtype=torch.int32, device=valid.device)
         cu[1:] = counts.cumsum(0)
+        seqlens = counts.tolist() if packed else []                       # host sync: sizes of the packed axis
         flat_idx = valid.flatten().nonzero().squeeze(1)                   # (T,)
         batch_idx = torch.div(flat_idx, Mmax, rounding_mode="floor")      # (T,)
-        return cls(valid, packed, cu, Mmax, batch_idx, flat_idx)
+        return cls(valid, packed, cu, Mmax, batch_idx, flat_idx, seqlens)
 
     def pack(self, z: torch.Tensor) -> torch.Tensor:
         """(B, Mmax, D) -> (T, D) if packed, else unchanged."""
@@ -67,9 +78,16 @@ class TokenLayout:
 
 def _packed_attention(q, k, v, layout: TokenLayout) -> torch.Tensor:
     """q, k, v (T, H, Dh) -> (T, H, Dh), each sample attending only to its own tokens."""
-    if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        m = layout.max_seqlen
-        return flash_attn_varlen_func(q, k, v, layout.cu_seqlens, layout.cu_seqlens, m, m)
+    m = layout.max_seqlen
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if flash_attn_varlen_func is not None:
+            return flash_attn_varlen_func(q, k, v, layout.cu_seqlens, layout.cu_seqlens, m, m)
+        if varlen_attn is not None:
+            return varlen_attn(q, k, v, layout.cu_seqlens, layout.cu_seqlens, m, m)
+    if not q.is_cuda:
+        outs = [F.scaled_dot_product_attention(a.transpose(0, 1), b.transpose(0, 1), c.transpose(0, 1)).transpose(0, 1)
+                for a, b, c in zip(*(t.split(layout.seqlens) for t in (q, k, v)))]  # each (M_b, H, Dh)
+        return torch.cat(outs)                                            # (T, H, Dh)
     offsets = layout.cu_seqlens.long()
     nq, nk, nv = (torch.nested.nested_tensor_from_jagged(t, offsets, max_seqlen=layout.max_seqlen)
                   .transpose(1, 2) for t in (q, k, v))                    # (B, H, j, Dh) jagged
