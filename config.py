@@ -376,9 +376,12 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, _coerce(value, tp, f"{section}.{key}")
 
 
-def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML at `path` (with its `_base_` chain; None = defaults only) <- overrides, validated."""
-    tree = _read_tree(path) if path is not None else {}
+def load_config(path: Optional[str], overrides: Sequence[str] = (), base: Optional[Mapping] = None) -> Config:
+    """Defaults <- `base` (e.g. a checkpoint's saved config) <- YAML at `path` (with its `_base_` chain;
+    None = none) <- overrides, validated."""
+    tree = {s: dict(body) for s, body in _check_tree(dict(base), " in the saved config").items()} if base else {}
+    for section, body in (_read_tree(path) if path is not None else {}).items():
+        tree.setdefault(section, {}).update(body)
     for text in overrides:
         section, key, value = _parse_override(text)
         tree.setdefault(section, {})[key] = value
