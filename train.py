@@ -1,0 +1,366 @@
+"""Train DiT or DC-DiT with Accelerate (Fast-DiT's way of working).
+
+    accelerate launch --multi_gpu --num_processes 8 train.py --config configs/DCDiT-B-N4.yaml
+    python train.py --config configs/tiny/dcdit-digits.yaml train.max_steps=2000     # CPU
+    python train.py --config ... --resume results/003-DCDiT-B                      # continue exactly
+
+Any config field can be overridden as `section.field=value`. Runs live in `results/NNN-name/` with
+`config.yaml`, `log.txt` and `checkpoints/{step:07d}.pt`. Resume is exact: the data order and every
+random draw of a step are functions of (seed, step, rank), so a resumed run repeats the losses of an
+uninterrupted one.
+"""
+import argparse
+import glob
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+import time
+from copy import deepcopy
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from config import add_config_args, config_from_args, config_from_dict, config_to_dict, main_guard, save_config
+from data import build_dataset
+from diffusion import create_diffusion
+from models import create_model, is_dcdit
+from models.routing import compression_stats, ratio_loss
+
+
+class TrainError(RuntimeError):
+    user_error = True
+
+
+# ----------------------------------------------------------------------------- helpers
+
+class StepBatchSampler:
+    """Deterministic, resumable sharding: global batch s is positions [s*G, (s+1)*G) of an endless
+    stream of per-epoch permutations seeded by (seed, epoch); each rank takes its contiguous slice."""
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, start_step: int, micro: int):
+        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.step, self.micro = seed, start_step, micro
+        self._perm_epoch, self._perm = -1, None
+
+    def _positions(self, start: int, count: int) -> list:
+        out = []
+        for pos in range(start, start + count):
+            epoch, i = divmod(pos, self.n)
+            if epoch != self._perm_epoch:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+            out.append(int(self._perm[i]))
+        return out
+
+    def __iter__(self):
+        local = self.global_batch // self.world
+        while True:
+            idx = self._positions(self.step * self.global_batch + self.rank * local, local)
+            for k in range(0, local, self.micro):
+                yield idx[k:k + self.micro]
+            self.step += 1
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of every random draw of one optimizer step on one rank (t, noise, label dropout, random router)."""
+    return ((seed * 1_000_003 + step) * 4099 + rank) % (2 ** 63)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_params = dict(ema.named_parameters())
+    for name, p in model.named_parameters():
+        ema_params[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def atomic_save(obj, path: str) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves half a checkpoint."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def latest_checkpoint(run_dir: str):
+    ckpts = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]" * 7 + ".pt")))
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_resume(resume: str) -> tuple:
+    """--resume accepts a checkpoint file or a run folder (its newest checkpoint). -> (run_dir, ckpt)."""
+    if os.path.isdir(resume):
+        ckpt = latest_checkpoint(resume)
+        if ckpt is None:
+            raise TrainError(f"--resume {resume}: no checkpoints/NNNNNNN.pt in this run folder")
+        return resume, ckpt
+    if not os.path.isfile(resume):
+        raise TrainError(f"--resume {resume}: no such file or run folder")
+    return os.path.dirname(os.path.dirname(os.path.abspath(resume))), resume
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TrainError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    missing = {"model", "ema", "opt", "config", "step"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
+    if missing:
+        raise TrainError(f"checkpoint {path} is not a training checkpoint of this repo (missing {sorted(missing)})")
+    return ckpt
+
+
+def new_run_dir(results_dir: str, name: str) -> str:
+    os.makedirs(results_dir, exist_ok=True)
+    existing = [int(m.group(1)) for d in os.listdir(results_dir) if (m := re.match(r"(\d{3,})-", d))]
+    run_dir = os.path.join(results_dir, f"{max(existing, default=-1) + 1:03d}-{name}")
+    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    return run_dir
+
+
+def make_logger(run_dir, is_main: bool) -> logging.Logger:
+    logger = logging.getLogger("train")
+    logger.handlers.clear()
+    logger.propagate = False
+    if is_main:
+        logger.setLevel(logging.INFO)
+        fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(run_dir, "log.txt"))):
+            h.setFormatter(fmt)
+            logger.addHandler(h)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def make_accelerator(cfg):
+    from accelerate import Accelerator
+
+    # Without CUDA, a plain Accelerator() under torchrun silently trains each rank alone; cpu=True makes it
+    # join the gloo process group (MULTI_CPU), so CPU multi-process runs really are data parallel.
+    cpu = not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
+                       gradient_accumulation_steps=cfg.train.grad_accum_steps)
+
+
+def ratio_target(cfg, step: int) -> float:
+    """Compression target N, optionally ramped linearly from ratio_ramp_start over ratio_ramp_steps (§3.5)."""
+    n = cfg.model.downsample_factor
+    if cfg.train.ratio_ramp_steps <= 0:
+        return n
+    a = min(1.0, step / cfg.train.ratio_ramp_steps)
+    return cfg.train.ratio_ramp_start + a * (n - cfg.train.ratio_ramp_start)
+
+
+def multi_budget_fraction(cfg, step: int) -> float:
+    """Tail-drop fraction of this step: drawn with a generator seeded by the step, so every rank agrees."""
+    t = cfg.train
+    if t.multi_budget_start_step < 0 or step < t.multi_budget_start_step:
+        return 0.0
+    g = torch.Generator().manual_seed(step)
+    return float(t.multi_budget_drop_fractions[int(torch.randint(len(t.multi_budget_drop_fractions), (1,), generator=g))])
+
+
+def sample_grid(ema, diffusion_cfg, cfg, device, path: str) -> None:
+    """Periodic EMA samples (one per class, CFG), saved as a PNG grid."""
+    from sample import generate, save_grid
+    labels = torch.arange(min(cfg.model.num_classes, 16), device=device)
+    images = generate(ema, cfg, labels, seed=cfg.sample.seed, device=device)
+    if images is not None:
+        save_grid(images, path, nrow=int(math.ceil(len(labels) ** 0.5)))
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--resume", default="", help="checkpoint file or run folder to continue exactly")
+    args = parser.parse_args(argv)
+
+    run_dir, ckpt = None, None
+    if args.resume:
+        run_dir, ckpt_path = resolve_resume(args.resume)
+        ckpt = load_checkpoint(ckpt_path)
+        cfg = config_from_dict(ckpt["config"])  # the run's own config; command-line overrides are not re-applied
+    else:
+        cfg = config_from_args(args)
+
+    accelerator = make_accelerator(cfg)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    tc = cfg.train
+    if tc.global_batch_size % (world * tc.grad_accum_steps):
+        raise TrainError(f"train.global_batch_size {tc.global_batch_size} is not divisible by world size {world} "
+                         f"x train.grad_accum_steps {tc.grad_accum_steps}")
+    micro = tc.global_batch_size // (world * tc.grad_accum_steps)
+
+    # Run folder: made by rank 0, its path shared with the others.
+    if run_dir is None:
+        name = tc.exp_name or cfg.model.name.replace("/", "-")
+        holder = [new_run_dir(tc.results_dir, name) if accelerator.is_main_process else None]
+        if world > 1:
+            dist.broadcast_object_list(holder, src=0)
+        run_dir = holder[0]
+    logger = make_logger(run_dir, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    logger.info(f"run folder {run_dir}; {world} process(es) on {device}; micro-batch {micro} x accum "
+                f"{tc.grad_accum_steps} x world {world} = global {tc.global_batch_size}")
+
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+    model = create_model(cfg.model)
+    ema = deepcopy(model).requires_grad_(False)
+    dcdit = is_dcdit(cfg.model.name)
+    logger.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay)
+
+    start_step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        start_step = int(ckpt["step"])
+        logger.info(f"resumed from step {start_step}")
+        del ckpt
+
+    diffusion = create_diffusion(timestep_respacing=cfg.diffusion.timestep_respacing,
+                                 noise_schedule=cfg.diffusion.noise_schedule, learn_sigma=cfg.model.learn_sigma,
+                                 diffusion_steps=cfg.diffusion.diffusion_steps)
+    dataset = build_dataset(cfg.data, expected_shape=(cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size))
+    sampler = StepBatchSampler(len(dataset), tc.global_batch_size, rank, world, tc.seed, start_step, micro)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.data.num_workers > 0)
+    logger.info(f"dataset: {len(dataset):,} items ({cfg.data.kind})")
+
+    ema.to(device)
+    model, opt = accelerator.prepare(model, opt)
+    if tc.compile:
+        model = torch.compile(model)
+    raw_model = accelerator.unwrap_model(model)
+    model.train()
+    ema.eval()
+
+    wandb_run = None
+    if tc.wandb != "disabled" and accelerator.is_main_process:
+        import wandb
+        wandb_run = wandb.init(project="dc-dit", name=os.path.basename(run_dir), dir=run_dir, mode=tc.wandb,
+                               config=config_to_dict(cfg))
+
+    def save(step: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+        atomic_save({"model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                     "config": config_to_dict(cfg), "step": step, "rng": {"torch": torch.get_rng_state()}}, path)
+        logger.info(f"saved checkpoint {path}")
+        if tc.keep_last_ckpts > 0:
+            for old in sorted(glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]" * 7 + ".pt")))[:-tc.keep_last_ckpts]:
+                os.remove(old)
+
+    stats = {"loss": 0.0, "diffusion": 0.0, "ratio": 0.0, "n": 0}
+    comp = []
+    t0, last_good = time.time(), None
+    data_iter = iter(loader)
+    bar = tqdm(total=tc.max_steps, initial=start_step, disable=not accelerator.is_main_process, desc="train",
+               dynamic_ncols=True)
+    for step in range(start_step, tc.max_steps):
+        torch.manual_seed(step_seed(tc.seed, step, rank))
+        fraction = multi_budget_fraction(cfg, step) if dcdit else 0.0
+        n_target = ratio_target(cfg, step)
+        for _ in range(tc.grad_accum_steps):
+            x, y = next(data_iter)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+            infos = []
+
+            def model_fn(x_t, ts, **kw):
+                if not dcdit:
+                    return model(x_t, ts, **kw)
+                out, info = model(x_t, ts, return_info=True, tail_drop=fraction, **kw)
+                infos.append(info)
+                return out
+
+            with accelerator.accumulate(model), accelerator.autocast():
+                terms = diffusion.training_losses(model_fn, x, t, model_kwargs=dict(y=y))
+                diff_loss = terms["loss"].mean()
+                loss = diff_loss
+                r_loss = torch.zeros((), device=device)
+                if dcdit:
+                    r = infos[0].router
+                    # The ratio loss sees the natural (pre-drop) decisions, so multi-budget training does not
+                    # teach the router to keep more tokens to make up for the dropped ones.
+                    r_loss = ratio_loss(r.natural_mask, r.prob, n_target, tc.ratio_group_size)
+                    loss = loss + tc.ratio_loss_weight * r_loss
+                    comp.append(compression_stats(r.natural_mask)["compression"].detach())
+                if not torch.isfinite(loss):
+                    raise_nonfinite = tc.nan_policy == "stop"
+                    msg = (f"non-finite loss {loss.item()} at step {step} (rank {rank}); last good checkpoint: "
+                           f"{latest_checkpoint(run_dir) or 'none'}")
+                    if raise_nonfinite:
+                        raise TrainError(msg + "; stopping (train.nan_policy=stop)")
+                    logger.info(msg + "; skipping the step (train.nan_policy=skip)")
+                    opt.zero_grad(set_to_none=True)
+                    continue
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tc.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            stats["loss"] += loss.item()
+            stats["diffusion"] += diff_loss.item()
+            stats["ratio"] += float(r_loss)
+            stats["n"] += 1
+        update_ema(ema, raw_model, tc.ema_decay)
+        done = step + 1
+        bar.update(1)
+
+        if done % tc.log_every == 0 or done == tc.max_steps:
+            elapsed = time.time() - t0
+            vals = torch.tensor([stats["loss"], stats["diffusion"], stats["ratio"], stats["n"]], device=device)
+            vals = accelerator.reduce(vals, reduction="sum")
+            n = max(vals[3].item(), 1)
+            steps = n / (tc.grad_accum_steps * world)
+            log = {"step": done, "loss": vals[0].item() / n, "diffusion_loss": vals[1].item() / n,
+                   "steps_per_sec": steps / elapsed, "images_per_sec": steps * tc.global_batch_size / elapsed,
+                   "lr": opt.param_groups[0]["lr"]}
+            if dcdit:
+                cr = accelerator.gather(torch.cat(comp)).float()
+                log.update(ratio_loss=vals[2].item() / n, compression_gmean=cr.log().mean().exp().item(),
+                           compression_std=cr.std().item() if cr.numel() > 1 else 0.0,
+                           compression_min=cr.min().item(), compression_max=cr.max().item(), tail_drop=fraction)
+            logger.info(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in log.items()}))
+            bar.set_postfix(loss=f"{log['loss']:.4f}")
+            if wandb_run is not None:
+                wandb_run.log(log, step=done)
+            stats = {"loss": 0.0, "diffusion": 0.0, "ratio": 0.0, "n": 0}
+            comp = []
+            t0 = time.time()
+
+        if done % tc.ckpt_every == 0 or done == tc.max_steps:
+            save(done)
+            accelerator.wait_for_everyone()
+        if tc.sample_every > 0 and done % tc.sample_every == 0 and accelerator.is_main_process:
+            sample_grid(ema, cfg.diffusion, cfg, device, os.path.join(run_dir, f"samples_{done:07d}.png"))
+    bar.close()
+    logger.info("done")
+    if wandb_run is not None:
+        wandb_run.finish()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main_guard(main)()
