@@ -15,19 +15,17 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import sys
 import time
 from copy import deepcopy
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from config import add_config_args, config_from_args, config_from_dict, config_to_dict, main_guard, save_config
+from config import add_config_args, config_from_args, config_to_dict, load_config, main_guard, save_config
 from data import build_dataset
 from diffusion import create_diffusion
 from models import create_model, is_dcdit
@@ -156,6 +154,16 @@ def make_accelerator(cfg):
                        gradient_accumulation_steps=cfg.train.grad_accum_steps)
 
 
+@torch.no_grad()
+def check_ranks_in_sync(model: torch.nn.Module, accelerator) -> bool:
+    """All ranks must hold identical weights (DDP averages gradients); compare a cheap checksum."""
+    if accelerator.num_processes == 1:
+        return True
+    vec = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(accelerator.device)
+    gathered = accelerator.gather(vec.unsqueeze(0))                            # (world, n_params)
+    return bool(torch.equal(gathered, gathered[:1].expand_as(gathered)))
+
+
 def ratio_target(cfg, step: int) -> float:
     """Compression target N, optionally ramped linearly from ratio_ramp_start over ratio_ramp_steps (§3.5)."""
     n = cfg.model.downsample_factor
@@ -195,7 +203,8 @@ def main(argv=None):
     if args.resume:
         run_dir, ckpt_path = resolve_resume(args.resume)
         ckpt = load_checkpoint(ckpt_path)
-        cfg = config_from_dict(ckpt["config"])  # the run's own config; command-line overrides are not re-applied
+        # The run's own config; --config / overrides given now refine it (e.g. train.max_steps to train longer).
+        cfg = load_config(args.config, args.overrides, base=ckpt["config"])
     else:
         cfg = config_from_args(args)
 
@@ -273,7 +282,7 @@ def main(argv=None):
 
     stats = {"loss": 0.0, "diffusion": 0.0, "ratio": 0.0, "n": 0}
     comp = []
-    t0, last_good = time.time(), None
+    t0 = time.time()
     data_iter = iter(loader)
     bar = tqdm(total=tc.max_steps, initial=start_step, disable=not accelerator.is_main_process, desc="train",
                dynamic_ncols=True)
@@ -322,7 +331,7 @@ def main(argv=None):
                 opt.zero_grad(set_to_none=True)
             stats["loss"] += loss.item()
             stats["diffusion"] += diff_loss.item()
-            stats["ratio"] += float(r_loss)
+            stats["ratio"] += r_loss.item()
             stats["n"] += 1
         update_ema(ema, raw_model, tc.ema_decay)
         done = step + 1
@@ -351,6 +360,10 @@ def main(argv=None):
             t0 = time.time()
 
         if done % tc.ckpt_every == 0 or done == tc.max_steps:
+            if not check_ranks_in_sync(raw_model, accelerator):
+                raise TrainError(f"ranks hold different weights at step {done}; not saving a checkpoint")
+            if world > 1:
+                logger.info(f"step {done}: all {world} ranks hold identical weights")
             save(done)
             accelerator.wait_for_everyone()
         if tc.sample_every > 0 and done % tc.sample_every == 0 and accelerator.is_main_process:

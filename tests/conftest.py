@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny latent-feature folder in the fast-DiT layout, and a helper to run scripts."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def feature_dir(tmp_path_factory):
+    """48 random (1, 4, 8, 8) 'latents' with labels in 10 classes (matches configs/tiny/test-*.yaml)."""
+    root = tmp_path_factory.mktemp("features")
+    rng = np.random.default_rng(0)
+    (root / "imagenet256_features").mkdir()
+    (root / "imagenet256_labels").mkdir()
+    for i in range(48):
+        np.save(root / "imagenet256_features" / f"{i}.npy", rng.standard_normal((1, 4, 8, 8)).astype(np.float32))
+        np.save(root / "imagenet256_labels" / f"{i}.npy", np.array([i % 10], dtype=np.int64))
+    return str(root)
+
+
+def run_script(args, timeout=300, check=True, env=None):
+    """Run a repo script with this interpreter from the repo root; returns the CompletedProcess."""
+    full_env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
