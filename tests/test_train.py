@@ -61,3 +61,20 @@ def test_bad_batch_split_is_a_one_line_error(feature_dir, tmp_path):
                       check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_dcdit_on_digits_learns_to_compress_toward_n(tmp_path):
+    """Paper §3.5 in miniature: from a fresh router (keeps ~2 of 256 tokens) the ratio loss pulls the
+    compression toward N = 4 while the diffusion loss falls."""
+    run_script(["train.py", "--config", "configs/tiny/dcdit-digits.yaml", "train.max_steps=160",
+                "train.global_batch_size=32", "train.log_every=40", "train.ckpt_every=1000",
+                "model.depth=2", "model.hidden_size=64", "model.encoder_width=16",
+                f"train.results_dir={tmp_path}"], timeout=600)
+    recs = [json.loads(line.split("] ", 1)[1]) for line in open(os.path.join(only_run(tmp_path), "log.txt"))
+            if '"step"' in line]
+    first, last = recs[0], recs[-1]
+    assert last["step"] == 160
+    assert last["diffusion_loss"] < 0.5 * first["diffusion_loss"], (first, last)
+    n = 4.0
+    assert abs(torch.tensor(last["compression_gmean"]).log() - torch.tensor(n).log()) < \
+        abs(torch.tensor(first["compression_gmean"]).log() - torch.tensor(n).log()), (first, last)
