@@ -78,3 +78,27 @@ def test_dcdit_on_digits_learns_to_compress_toward_n(tmp_path):
     n = 4.0
     assert abs(torch.tensor(last["compression_gmean"]).log() - torch.tensor(n).log()) < \
         abs(torch.tensor(first["compression_gmean"]).log() - torch.tensor(n).log()), (first, last)
+
+
+def test_multi_budget_fraction_is_a_function_of_the_step():
+    import train
+    from config import load_config
+    cfg = load_config("configs/tiny/test-dcdit.yaml", ["train.multi_budget_start_step=5",
+                                                       "train.multi_budget_drop_fractions=[0.0,0.2,0.4,0.6]"])
+    assert [train.multi_budget_fraction(cfg, s) for s in range(5)] == [0.0] * 5  # before the start step
+    draws = [train.multi_budget_fraction(cfg, s) for s in range(5, 405)]
+    assert set(draws) == {0.0, 0.2, 0.4, 0.6}  # every budget is used
+    assert draws == [train.multi_budget_fraction(cfg, s) for s in range(5, 405)]  # same on every rank / resume
+    counts = [draws.count(f) for f in (0.0, 0.2, 0.4, 0.6)]
+    assert min(counts) > 60  # roughly uniform over 400 steps
+    off = load_config("configs/tiny/test-dcdit.yaml")
+    assert all(train.multi_budget_fraction(off, s) == 0.0 for s in range(0, 1000, 37))
+
+
+def test_ratio_target_ramp():
+    import train
+    from config import load_config
+    cfg = load_config("configs/tiny/test-dcdit.yaml", ["train.ratio_ramp_steps=100", "train.ratio_ramp_start=2.0",
+                                                       "model.downsample_factor=4.0"])
+    assert train.ratio_target(cfg, 0) == 2.0 and train.ratio_target(cfg, 50) == 3.0
+    assert train.ratio_target(cfg, 100) == 4.0 and train.ratio_target(cfg, 1000) == 4.0
