@@ -3,11 +3,17 @@
     accelerate launch --multi_gpu --num_processes 8 train.py --config configs/DCDiT-B-N4.yaml
     python train.py --config configs/tiny/dcdit-digits.yaml train.max_steps=2000     # CPU
     python train.py --config ... --resume results/003-DCDiT-B                      # continue exactly
+    python train.py --config configs/DCDiT-XL-N4-upcycle.yaml --upcycle-from DiT-XL-2-256x256.pt  # §4.4
 
 Any config field can be overridden as `section.field=value`. Runs live in `results/NNN-name/` with
 `config.yaml`, `log.txt` and `checkpoints/{step:07d}.pt`. Resume is exact: the data order and every
 random draw of a step are functions of (seed, step, rank), so a resumed run repeats the losses of an
 uninterrupted one.
+
+Upcycling (paper §4.4, docs/upcycling.md): a fresh run copies a DiT checkpoint's blocks and (frozen)
+embedders into the DC-DiT, then trains for upcycle.distill_steps steps on activation distillation from
+the frozen DiT before the diffusion loss takes over; which loss a step uses is a function of the step,
+so resuming on either side of the switch repeats the uninterrupted run.
 """
 import argparse
 import glob
@@ -30,6 +36,8 @@ from data import build_dataset
 from diffusion import create_diffusion
 from models import create_model, is_dcdit
 from models.routing import compression_stats, ratio_loss
+from models.upcycle import (build_teacher, distillation_loss, freeze_embedders, load_dit_checkpoint,
+                            reset_untouched_adam_state, upcycle_, upcycle_model_config)
 
 
 class TrainError(RuntimeError):
@@ -75,7 +83,14 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     ema_params = dict(ema.named_parameters())
     for name, p in model.named_parameters():
-        ema_params[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
+        if p.requires_grad:  # frozen ones (pos_embed, upcycled embedders) never change: keep them exact
+            ema_params[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def label_drop_ids(batch: int, prob: float, device) -> torch.Tensor:
+    """(B,) long, 1 = replace the label by the null class: DiT's label dropout drawn once outside the model, so
+    the student and the distillation teacher are conditioned on the same labels (force_drop_ids)."""
+    return (torch.rand(batch, device=device) < prob).long()
 
 
 def atomic_save(obj, path: str) -> None:
@@ -197,7 +212,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--resume", default="", help="checkpoint file or run folder to continue exactly")
+    parser.add_argument("--upcycle-from", default="", metavar="PATH",
+                        help="DiT checkpoint to upcycle into the DC-DiT (a fresh run; = upcycle.checkpoint=PATH)")
     args = parser.parse_args(argv)
+    if args.upcycle_from:
+        if args.resume:
+            raise TrainError("--upcycle-from starts a new run; a resumed run takes its weights from its own "
+                             "checkpoint and its teacher from upcycle.checkpoint in its saved config")
+        args.overrides.append(f"upcycle.checkpoint={args.upcycle_from}")
 
     run_dir, ckpt = None, None
     if args.resume:
@@ -207,6 +229,22 @@ def main(argv=None):
         cfg = load_config(args.config, args.overrides, base=ckpt["config"])
     else:
         cfg = config_from_args(args)
+
+    # Upcycling (§4.4): the DiT checkpoint is read once. A fresh run takes its weights and fixes
+    # model.pos_scale / model.cond_adaptor before the model is built and the config saved; any run still
+    # inside the distillation warm-up (fresh or resumed) builds the frozen teacher from it.
+    uc = cfg.upcycle
+    resumed_step = int(ckpt["step"]) if ckpt is not None else 0
+    distill_run = bool(uc.checkpoint) and uc.distill_steps > 0
+    dit_ckpt, upcycle_notes = None, []
+    if uc.checkpoint:
+        if not is_dcdit(cfg.model.name):
+            raise TrainError(f"upcycle.checkpoint is set but model.name {cfg.model.name!r} is not a DC-DiT; "
+                             f"upcycling turns a DiT checkpoint into a DCDiT-* model")
+        if ckpt is None or (distill_run and resumed_step < uc.distill_steps):
+            dit_ckpt = load_dit_checkpoint(uc.checkpoint)
+        if ckpt is None:
+            upcycle_notes = upcycle_model_config(cfg.model, dit_ckpt)
 
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -232,6 +270,20 @@ def main(argv=None):
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     model = create_model(cfg.model)
+    teacher = None
+    if uc.checkpoint:
+        for note in upcycle_notes:
+            logger.info(note)
+        if ckpt is None:
+            logger.info(upcycle_(model, dit_ckpt).summary(dit_ckpt))
+        else:
+            freeze_embedders(model)  # the weights come from our checkpoint; the optimizer must see the same list
+        if dit_ckpt is not None and distill_run:
+            teacher = build_teacher(dit_ckpt, model).to(device)
+            logger.info(f"activation distillation for steps [0, {uc.distill_steps}) from a frozen DiT teacher "
+                        f"({uc.checkpoint}, patch {teacher.patch_size}); the ratio loss stays on during it so the "
+                        f"router still learns its budget; then the diffusion loss")
+        dit_ckpt = None
     ema = deepcopy(model).requires_grad_(False)
     dcdit = is_dcdit(cfg.model.name)
     logger.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
@@ -280,13 +332,19 @@ def main(argv=None):
             for old in sorted(glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]" * 7 + ".pt")))[:-tc.keep_last_ckpts]:
                 os.remove(old)
 
-    stats = {"loss": 0.0, "diffusion": 0.0, "ratio": 0.0, "n": 0}
+    stats = {"loss": 0.0, "diffusion": 0.0, "distill": 0.0, "ratio": 0.0, "n": 0, "n_distill": 0}
     comp = []
     t0 = time.time()
     data_iter = iter(loader)
     bar = tqdm(total=tc.max_steps, initial=start_step, disable=not accelerator.is_main_process, desc="train",
                dynamic_ncols=True)
     for step in range(start_step, tc.max_steps):
+        distilling = distill_run and step < uc.distill_steps
+        if distill_run and step == uc.distill_steps:
+            teacher = None
+            n_reset = reset_untouched_adam_state(opt)
+            logger.info(f"step {step}: activation distillation done; diffusion loss from here on (fresh Adam "
+                        f"state for {n_reset} parameter tensors the distillation loss never reached)")
         torch.manual_seed(step_seed(tc.seed, step, rank))
         fraction = multi_budget_fraction(cfg, step) if dcdit else 0.0
         n_target = ratio_target(cfg, step)
@@ -304,9 +362,15 @@ def main(argv=None):
                 return out
 
             with accelerator.accumulate(model), accelerator.autocast():
-                terms = diffusion.training_losses(model_fn, x, t, model_kwargs=dict(y=y))
-                diff_loss = terms["loss"].mean()
-                loss = diff_loss
+                if distilling:
+                    x_t = diffusion.q_sample(x, t, noise=torch.randn_like(x))
+                    drop = label_drop_ids(x.shape[0], cfg.model.class_dropout_prob, device)
+                    main_loss, info = distillation_loss(model, teacher, x_t, t, y, drop, fraction)
+                    infos.append(info)
+                else:
+                    terms = diffusion.training_losses(model_fn, x, t, model_kwargs=dict(y=y))
+                    main_loss = terms["loss"].mean()
+                loss = main_loss
                 r_loss = torch.zeros((), device=device)
                 if dcdit:
                     r = infos[0].router
@@ -330,32 +394,39 @@ def main(argv=None):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             stats["loss"] += loss.item()
-            stats["diffusion"] += diff_loss.item()
+            stats["distill" if distilling else "diffusion"] += main_loss.item()
             stats["ratio"] += r_loss.item()
             stats["n"] += 1
+            stats["n_distill"] += int(distilling)
         update_ema(ema, raw_model, tc.ema_decay)
         done = step + 1
         bar.update(1)
 
         if done % tc.log_every == 0 or done == tc.max_steps:
             elapsed = time.time() - t0
-            vals = torch.tensor([stats["loss"], stats["diffusion"], stats["ratio"], stats["n"]], device=device)
-            vals = accelerator.reduce(vals, reduction="sum")
-            n = max(vals[3].item(), 1)
+            keys = ("loss", "diffusion", "distill", "ratio", "n", "n_distill")
+            vals = accelerator.reduce(torch.tensor([float(stats[k]) for k in keys], device=device), reduction="sum")
+            tot = dict(zip(keys, vals.tolist()))
+            n, n_distill = max(tot["n"], 1), tot["n_distill"]
             steps = n / (tc.grad_accum_steps * world)
-            log = {"step": done, "loss": vals[0].item() / n, "diffusion_loss": vals[1].item() / n,
-                   "steps_per_sec": steps / elapsed, "images_per_sec": steps * tc.global_batch_size / elapsed,
-                   "lr": opt.param_groups[0]["lr"]}
+            log = {"step": done, "loss": tot["loss"] / n}
+            # Each objective averaged over the micro-steps that used it (a window may straddle the switch).
+            if n_distill < tot["n"] or not distill_run:
+                log["diffusion_loss"] = tot["diffusion"] / max(tot["n"] - n_distill, 1)
+            if n_distill > 0:
+                log["distill_loss"] = tot["distill"] / n_distill
+            log.update(steps_per_sec=steps / elapsed, images_per_sec=steps * tc.global_batch_size / elapsed,
+                       lr=opt.param_groups[0]["lr"])
             if dcdit:
                 cr = accelerator.gather(torch.cat(comp)).float()
-                log.update(ratio_loss=vals[2].item() / n, compression_gmean=cr.log().mean().exp().item(),
+                log.update(ratio_loss=tot["ratio"] / n, compression_gmean=cr.log().mean().exp().item(),
                            compression_std=cr.std().item() if cr.numel() > 1 else 0.0,
                            compression_min=cr.min().item(), compression_max=cr.max().item(), tail_drop=fraction)
             logger.info(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in log.items()}))
             bar.set_postfix(loss=f"{log['loss']:.4f}")
             if wandb_run is not None:
                 wandb_run.log(log, step=done)
-            stats = {"loss": 0.0, "diffusion": 0.0, "ratio": 0.0, "n": 0}
+            stats = {"loss": 0.0, "diffusion": 0.0, "distill": 0.0, "ratio": 0.0, "n": 0, "n_distill": 0}
             comp = []
             t0 = time.time()
 

@@ -43,6 +43,10 @@ class ChunkInfo:
     router: RouterOutput   # prob (B, L), mask (B, L) kept after tail dropping, natural_mask (B, L), selected (B, L)
     kept: torch.Tensor     # (B,) long, tokens the inner blocks ran for each sample (M_b after tail dropping)
     grid: tuple            # (H, W) token grid
+    # Only with collect_blocks=True (activation distillation when upcycling, §4.4; models/upcycle.py):
+    blocks: Optional[list] = None       # depth x (B, Mmax, D), each inner block's output, unpacked
+    idx: Optional[torch.Tensor] = None  # (B, Mmax) long raster position of each slot
+    valid: Optional[torch.Tensor] = None  # (B, Mmax) bool, real kept tokens (False at padding slots)
 
 
 class DCDiT(nn.Module):
@@ -109,13 +113,18 @@ class DCDiT(nn.Module):
         return sincos_2d(coords, self.hidden_size)                               # (B, Mmax, D)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_info: bool = False,
-                tail_drop: Fraction = 0.0, force_drop_ids: Optional[torch.Tensor] = None):
+                tail_drop: Fraction = 0.0, force_drop_ids: Optional[torch.Tensor] = None,
+                collect_blocks: bool = False):
         """x (B, C, H, W), t (B,), y (B,) -> (B, out_channels, H, W) [, ChunkInfo].
 
         tail_drop: elastic inference fraction f, a float or a per-sample (B,) tensor in [0, 1).
+        collect_blocks: also return every inner block's output in ChunkInfo (needs return_info=True);
+        activation distillation compares them with a teacher DiT's (§4.4).
         """
         if x.shape[-2:] != self.grid:
             raise ValueError(f"input grid {tuple(x.shape[-2:])} does not match the model's {self.grid}")
+        if collect_blocks and not return_info:
+            raise ValueError("collect_blocks=True returns the block outputs in ChunkInfo: pass return_info=True")
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
         enc = self.encoder(x, c)                                                 # (B, L, D)
         r = self.router(enc, self.grid)                                          # RouterOutput, each (B, L)
@@ -125,7 +134,14 @@ class DCDiT(nn.Module):
         z = z + self.pos_embed(idx).to(z.dtype)                                  # (B, Mmax, D)
         layout = TokenLayout.build(valid, self.packed)
         h = layout.pack(z)                                                       # (T, D) packed | (B, Mmax, D)
-        h = run_blocks(self.blocks, h, c, layout, self.grad_checkpointing)      # same shape
+        collected = None
+        if collect_blocks:
+            collected = []
+            for block in self.blocks:
+                h = run_blocks([block], h, c, layout, self.grad_checkpointing)  # same shape
+                collected.append(layout.unpack(h))                               # (B, Mmax, D)
+        else:
+            h = run_blocks(self.blocks, h, c, layout, self.grad_checkpointing)  # same shape
         z = layout.unpack(h)                                                     # (B, Mmax, D)
         u = dechunk(z, r.prob, idx, valid, self.grid, self.dechunk_sigma)       # (B, L, D) fp32
         u = u.to(enc.dtype) * ste(r.selected).unsqueeze(-1).to(enc.dtype)      # (B, L, D)
@@ -135,7 +151,10 @@ class DCDiT(nn.Module):
         B, L, C = h.shape
         out = h.transpose(1, 2).reshape(B, C, *self.grid)                        # (B, out, H, W)
         if return_info:
-            return out, ChunkInfo(router=r, kept=valid.sum(1), grid=self.grid)
+            info = ChunkInfo(router=r, kept=valid.sum(1), grid=self.grid)
+            if collect_blocks:
+                info.blocks, info.idx, info.valid = collected, idx, valid
+            return out, info
         return out
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
