@@ -11,6 +11,7 @@ def tiny(**kw):
     args = dict(input_size=8, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10, norm_groups=4,
                 encoder_width=16)
     args.update(kw)
+    torch.manual_seed(0)  # the random router's draws and any unseeded init must not depend on test order
     return DCDiT(**args)
 
 

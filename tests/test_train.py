@@ -1,6 +1,7 @@
 """train.py end to end on CPU: exact resume, 2-process data parallel, checkpoints, config in the run."""
 import glob
 import json
+import math
 import os
 
 import torch
@@ -66,18 +67,21 @@ def test_bad_batch_split_is_a_one_line_error(feature_dir, tmp_path):
 def test_dcdit_on_digits_learns_to_compress_toward_n(tmp_path):
     """Paper §3.5 in miniature: from a fresh router (keeps ~2 of 256 tokens) the ratio loss pulls the
     compression toward N = 4 while the diffusion loss falls."""
-    run_script(["train.py", "--config", "configs/tiny/dcdit-digits.yaml", "train.max_steps=160",
+    run_script(["train.py", "--config", "configs/tiny/dcdit-digits.yaml", "train.max_steps=360",
                 "train.global_batch_size=32", "train.log_every=40", "train.ckpt_every=1000",
                 "model.depth=2", "model.hidden_size=64", "model.encoder_width=16",
                 f"train.results_dir={tmp_path}"], timeout=600)
     recs = [json.loads(line.split("] ", 1)[1]) for line in open(os.path.join(only_run(tmp_path), "log.txt"))
             if '"step"' in line]
-    first, last = recs[0], recs[-1]
-    assert last["step"] == 160
-    assert last["diffusion_loss"] < 0.5 * first["diffusion_loss"], (first, last)
-    n = 4.0
-    assert abs(torch.tensor(last["compression_gmean"]).log() - torch.tensor(n).log()) < \
-        abs(torch.tensor(first["compression_gmean"]).log() - torch.tensor(n).log()), (first, last)
+    assert recs[-1]["step"] == 360
+    assert recs[-1]["diffusion_loss"] < 0.2 * recs[0]["diffusion_loss"], (recs[0], recs[-1])
+
+    def distance_to_n(rec):  # |log(compression / N)|, N = 4
+        return abs(math.log(rec["compression_gmean"] / 4.0))
+
+    early = (distance_to_n(recs[0]) + distance_to_n(recs[1])) / 2
+    late = (distance_to_n(recs[-2]) + distance_to_n(recs[-1])) / 2
+    assert late < 0.5 * early and late < math.log(1.5), [r["compression_gmean"] for r in recs]
 
 
 def test_multi_budget_fraction_is_a_function_of_the_step():
