@@ -265,6 +265,8 @@ def main(argv=None):
     logger = make_logger(run_dir, accelerator.is_main_process)
     if accelerator.is_main_process:
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        for stale in glob.glob(os.path.join(run_dir, "checkpoints", "*.tmp.*")):
+            os.remove(stale)  # a checkpoint write interrupted by a crash; the previous checkpoint is intact
     logger.info(f"run folder {run_dir}; {world} process(es) on {device}; micro-batch {micro} x accum "
                 f"{tc.grad_accum_steps} x world {world} = global {tc.global_batch_size}")
 
@@ -325,8 +327,16 @@ def main(argv=None):
         if not accelerator.is_main_process:
             return
         path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
-        atomic_save({"model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                     "config": config_to_dict(cfg), "step": step, "rng": {"torch": torch.get_rng_state()}}, path)
+        previous = latest_checkpoint(run_dir) or "none"
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            raise TrainError(f"weights are not finite at step {step}; not saving them (last good checkpoint: "
+                             f"{previous})")
+        try:
+            atomic_save({"model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                         "config": config_to_dict(cfg), "step": step, "rng": {"torch": torch.get_rng_state()}}, path)
+        except OSError as e:
+            raise TrainError(f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoint "
+                             f"{previous} is intact") from None
         logger.info(f"saved checkpoint {path}")
         if tc.keep_last_ckpts > 0:
             for old in sorted(glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]" * 7 + ".pt")))[:-tc.keep_last_ckpts]:
@@ -379,11 +389,12 @@ def main(argv=None):
                     r_loss = ratio_loss(r.natural_mask, r.prob, n_target, tc.ratio_group_size)
                     loss = loss + tc.ratio_loss_weight * r_loss
                     comp.append(compression_stats(r.natural_mask)["compression"].detach())
-                if not torch.isfinite(loss):
-                    raise_nonfinite = tc.nan_policy == "stop"
-                    msg = (f"non-finite loss {loss.item()} at step {step} (rank {rank}); last good checkpoint: "
+                # Decided on all ranks together: a rank that skipped or stopped alone would hang the others.
+                bad = accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), reduction="sum")
+                if bad.item() > 0:
+                    msg = (f"non-finite loss at step {step + 1} on {int(bad.item())} rank(s); last good checkpoint: "
                            f"{latest_checkpoint(run_dir) or 'none'}")
-                    if raise_nonfinite:
+                    if tc.nan_policy == "stop":
                         raise TrainError(msg + "; stopping (train.nan_policy=stop)")
                     logger.info(msg + "; skipping the step (train.nan_policy=skip)")
                     opt.zero_grad(set_to_none=True)
