@@ -7,12 +7,14 @@
 
 Writes `sample.png` and, for DC-DiT, `chunking_viz.png`: for a few samples, columns at 5 timesteps
 from noisy to clean; rows alternate the current predicted x0 and the boundary-probability map, with
-the share of kept tokens under each column. Every image has its own seed (seed + index), so an image
-does not depend on the batch it was drawn in.
+the share of kept tokens under each column (paper §4, Fig. 3/4). Every image has its own generators,
+seeded by (seed, image index), so an image does not depend on the batch it was drawn in, nor on the
+number of processes in sample_ddp.py (EDM2's per-image seeding).
 """
 import argparse
 import math
 import os
+import time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -23,21 +25,50 @@ from data import to_uint8_images
 from diffusion import create_diffusion
 from models import create_model, is_dcdit
 
+# Random streams of one image: each gets its own generator so that using one never shifts another.
+NOISE_STREAM, UNCOND_NOISE_STREAM, LABEL_STREAM = 0, 1, 2
+
 
 class SampleError(RuntimeError):
-    user_error = True
+    user_error = True  # config.main_guard prints it as one line and exits 2
+
+
+def image_seed(seed: int, index: int, stream: int = NOISE_STREAM) -> int:
+    """64-bit seed of one random stream of image `index`: seed * 1_000_003 + index in the low 56 bits
+    (seed < 2**32, so at most ~2**52) and the stream above them, so no two (seed, index, stream) collide."""
+    if not 0 <= seed < 2 ** 32 or index < 0:
+        raise ValueError(f"image_seed: expected seed in [0, 2**32) and index >= 0, got seed={seed}, index={index}")
+    return (stream << 56) + seed * 1_000_003 + int(index)
+
+
+def image_generators(seed: int, indices: Sequence[int], device="cpu", stream: int = NOISE_STREAM) -> list:
+    """One torch.Generator per image, seeded by (seed, image index): results independent of batching.
+
+    CPU generators by default: the diffusion draws on the generator's device and moves the noise, so a
+    seed gives the same starting noise on any hardware."""
+    return [torch.Generator(device=device).manual_seed(image_seed(seed, i, stream)) for i in indices]
+
+
+def class_labels(seed: int, indices: Sequence[int], num_classes: int) -> torch.Tensor:
+    """(len(indices),) class of each image index, uniform over classes, from that image's own generator,
+    so labels (like the noise) do not depend on the number of processes, the batch size or N."""
+    gens = image_generators(seed, indices, stream=LABEL_STREAM)
+    return torch.tensor([int(torch.randint(num_classes, (1,), generator=g)) for g in gens], dtype=torch.long)
 
 
 def load_model_for_sampling(args, ckpt_path: str, use_ema: bool = True, device="cpu"):
     """-> (model, cfg). Our training checkpoints carry their config, which --config and `section.field=value`
     overrides then refine; a public DiT checkpoint is a bare state dict (or {"model"/"ema": ...}) and
-    takes the model from --config."""
+    takes the model from --config. Sampling flags (add_sampling_args) are applied before --dry-run prints."""
     state, saved = None, None
     if ckpt_path:
+        if not os.path.isfile(ckpt_path):
+            raise SampleError(f"--ckpt {ckpt_path}: no such file; expected a training checkpoint or a DiT state dict")
         try:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise SampleError(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            raise SampleError(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0]}") from None
         if isinstance(ckpt, dict) and "config" in ckpt:
             saved = ckpt["config"]
         if isinstance(ckpt, dict) and ("ema" in ckpt or "model" in ckpt):
@@ -45,7 +76,9 @@ def load_model_for_sampling(args, ckpt_path: str, use_ema: bool = True, device="
         else:
             state = ckpt
     cfg = load_config(args.config, args.overrides, base=saved)
-    if args.dry_run:
+    if hasattr(args, "tail_dropping_fraction"):
+        apply_sampling_args(cfg, args)
+    if getattr(args, "dry_run", False):
         print(format_config(cfg), end="")
         raise SystemExit(0)
     model = create_model(cfg.model)
@@ -53,81 +86,126 @@ def load_model_for_sampling(args, ckpt_path: str, use_ema: bool = True, device="
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
+            lines = str(e).splitlines()
             raise SampleError(f"checkpoint {ckpt_path} does not fit model {cfg.model.name}: "
-                              f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+                              f"{lines[1].strip() if len(lines) > 1 else e}") from None
     return model.to(device).eval(), cfg
 
 
-def image_generators(seed: int, indices: Sequence[int], device) -> list:
-    """One generator per image, seeded by (seed, image index): results independent of batching."""
-    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(i)) for i in indices]
-
-
 class Sampler:
-    """Wraps a model for the diffusion loop: CFG / Lite-CFG / tail dropping, recording chunking stats."""
+    """Wraps a model for the diffusion loop: CFG / Lite-CFG / tail dropping, recording chunking stats.
 
-    def __init__(self, model, cfg, cfg_scale: float, tail_drop=0.0, uncond_tail_drop: Optional[float] = None):
+    `records` gets one dict per model call (= per sampling step): t (original timestep), kept (rows,) the
+    tokens each row's inner blocks ran on (cond rows then uncond rows under CFG), seconds (wall time of the
+    call, synchronised on CUDA), and with keep_maps also prob / mask (rows, L) for chunking_viz.
+    """
+
+    def __init__(self, model, cfg, cfg_scale: float, tail_drop: float = 0.0, uncond_tail_drop: Optional[float] = None,
+                 keep_maps: bool = True):
         self.model, self.cfg = model, cfg
         self.cfg_scale = cfg_scale
         self.tail_drop, self.uncond_tail_drop = tail_drop, uncond_tail_drop
         self.dcdit = is_dcdit(cfg.model.name)
-        self.records = []  # per model call: dict(t, kept (B,), prob (B, L)) of the conditional half
+        self.keep_maps = keep_maps
+        self.records = []
+        if not self.dcdit and (tail_drop > 0 or uncond_tail_drop is not None):
+            raise SampleError(f"model {cfg.model.name} has no router: tail dropping and Lite-CFG need a DC-DiT")
 
     @property
     def use_cfg(self) -> bool:
         return self.cfg_scale > 1.0
 
+    def reset(self) -> None:
+        self.records = []
+
+    def _sync(self, x: torch.Tensor) -> None:
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+
     def __call__(self, x, t, y):
         kw = {}
         if self.dcdit:
             kw = dict(tail_drop=self.tail_drop, return_info=True)
+        self._sync(x)
+        start = time.perf_counter()
         if self.use_cfg:
             if self.dcdit and self.uncond_tail_drop is not None:
                 kw["uncond_tail_drop"] = self.uncond_tail_drop
-            res = self.model.forward_with_cfg(x, t, y, self.cfg_scale, guide_channels=self.cfg.sample.guide_channels, **kw)
+            res = self.model.forward_with_cfg(x, t, y, self.cfg_scale, guide_channels=self.cfg.sample.guide_channels,
+                                              **kw)
         else:
             res = self.model(x, t, y, **kw)
-        if not self.dcdit:
-            return res
-        out, info = res
-        self.records.append({"t": int(t[0]), "kept": info.kept.detach().cpu(),
-                             "prob": info.router.prob.detach().cpu(), "mask": info.router.mask.detach().cpu()})
+        out, info = res if self.dcdit else (res, None)
+        self._sync(x)
+        record = {"t": int(t[0]), "seconds": time.perf_counter() - start}
+        if info is not None:
+            record["kept"] = info.kept.detach().cpu()                        # (rows,)
+            if self.keep_maps:
+                record["prob"] = info.router.prob.detach().cpu()             # (rows, L)
+                record["mask"] = info.router.mask.detach().cpu()             # (rows, L)
+        self.records.append(record)
         return out
 
 
 def initial_noise(cfg, gens: list, device) -> torch.Tensor:
+    """x_T of each image from its own generator, drawn on the generator's device then moved."""
     c, s = cfg.model.in_channels, cfg.model.input_size
-    return torch.cat([torch.randn(1, c, s, s, generator=g, device=device) for g in gens])    # (B, C, H, W)
+    rows = [torch.randn(1, c, s, s, generator=g, device=g.device) for g in gens]   # B x (1, C, H, W)
+    return torch.cat(rows).to(device)                                               # (B, C, H, W)
 
 
 @torch.no_grad()
 def generate(model, cfg, labels: torch.Tensor, seed: int = 0, device="cpu", indices: Optional[Sequence[int]] = None,
              sampler: Optional[Sampler] = None, progressive: bool = False, progress: bool = False, vae=None):
     """Sample images for `labels` -> (B, C_img, H_img, W_img) in [-1, 1] (decoded when latent), or with
-    progressive=True a list of per-step dicts (x_t and predicted x0 in model space) as well."""
+    progressive=True (images, steps) with steps a list of per-step dicts (x_t and predicted x0, model space).
+
+    indices: the image index of each label (default 0..B-1); it alone seeds that image's noise.
+    sampler: default = the config's cfg_scale, tail dropping and Lite-CFG budget.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     n = len(labels)
-    indices = list(range(n)) if indices is None else list(indices)
-    sampler = sampler or Sampler(model, cfg, cfg.sample.cfg_scale, cfg.sample.tail_dropping_fraction)
+    indices = list(range(n)) if indices is None else [int(i) for i in indices]
+    if len(indices) != n:
+        raise ValueError(f"generate: {len(indices)} image indices for {n} labels; expected one per label")
+    if n == 0:
+        raise ValueError("generate: expected at least one label")
+    if bool(((labels < 0) | (labels >= cfg.model.num_classes)).any()):
+        raise ValueError(f"generate: labels {labels.tolist()} outside [0, model.num_classes={cfg.model.num_classes})")
+    if sampler is None:
+        sampler = Sampler(model, cfg, cfg.sample.cfg_scale, cfg.sample.tail_dropping_fraction, uncond_budget(cfg))
     diffusion = create_diffusion(str(cfg.sample.num_sampling_steps), noise_schedule=cfg.diffusion.noise_schedule,
                                  learn_sigma=cfg.model.learn_sigma, diffusion_steps=cfg.diffusion.diffusion_steps)
-    gens = image_generators(seed, indices, device)
+    gens = image_generators(seed, indices)
     z = initial_noise(cfg, gens, device)                                     # (B, C, H, W)
-    y = labels.to(device)
+    y = labels.to(device)                                                    # (B,)
     if sampler.use_cfg:
         z = torch.cat([z, z], dim=0)                                         # (2B, C, H, W)
-        y = torch.cat([y, torch.full_like(y, cfg.model.num_classes)], dim=0)
-        # The unconditional half's per-step noise is never used (forward_with_cfg reads the first half).
-        gens = gens + image_generators(seed + 7919, indices, device)
+        y = torch.cat([y, torch.full_like(y, cfg.model.num_classes)], dim=0)  # (2B,) null class second
+        # The unconditional half's per-step noise is never used (forward_with_cfg reads the first half),
+        # but it must come from generators of its own so that drawing it does not shift the first half's.
+        gens = gens + image_generators(seed, indices, stream=UNCOND_NOISE_STREAM)
     kwargs = dict(noise=z, clip_denoised=False, model_kwargs=dict(y=y), device=device, generator=gens)
-    steps = []
-    if progressive:
-        for out in diffusion.p_sample_loop_progressive(sampler, z.shape, progress=progress, **kwargs):
-            steps.append({"sample": out["sample"][:n].cpu(), "pred_xstart": out["pred_xstart"][:n].cpu()})
-        samples = steps[-1]["sample"].to(device)
-    else:
-        samples = diffusion.p_sample_loop(sampler, z.shape, progress=progress, **kwargs)[:n]
-    images = to_pixels(samples, cfg, vae, device)
+    was_training = model.training
+    model.eval()  # label dropout and any train-only behaviour off, whatever the caller left on
+    try:
+        steps = []
+        if progressive:
+            for out in diffusion.p_sample_loop_progressive(sampler, z.shape, progress=progress, **kwargs):
+                steps.append({"sample": out["sample"][:n].cpu(), "pred_xstart": out["pred_xstart"][:n].cpu()})
+            samples = steps[-1]["sample"].to(device)                        # (B, C, H, W)
+        else:
+            samples = diffusion.p_sample_loop(sampler, z.shape, progress=progress, **kwargs)[:n]
+        images = to_pixels(samples, cfg, vae, device)                        # (B, C_img, H_img, W_img)
+    finally:
+        model.train(was_training)
     return (images, steps) if progressive else images
+
+
+def image_size(cfg) -> int:
+    """Side of the output images: the latent grid times the SD-VAE's 8 for features, else the model grid."""
+    from config import VAE_DOWNSAMPLE
+    return cfg.model.input_size * (VAE_DOWNSAMPLE if cfg.data.kind == "features" else 1)
 
 
 def to_pixels(x: torch.Tensor, cfg, vae=None, device="cpu") -> torch.Tensor:
@@ -142,13 +220,15 @@ def to_pixels(x: torch.Tensor, cfg, vae=None, device="cpu") -> torch.Tensor:
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
+    """(B, C, H, W) images in [-1, 1] -> one PNG grid, `nrow` images per row, 2-pixel black gutters."""
     from PIL import Image
     arr = to_uint8_images(images)                                             # (B, H, W, 3) uint8
     b, h, w, _ = arr.shape
-    rows = math.ceil(b / nrow)
-    grid = np.zeros((rows * (h + 2) + 2, nrow * (w + 2) + 2, 3), dtype=np.uint8)
+    cols = max(1, min(nrow, b))
+    rows = math.ceil(b / cols)
+    grid = np.zeros((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), dtype=np.uint8)
     for i in range(b):
-        r, c = divmod(i, nrow)
+        r, c = divmod(i, cols)
         grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = arr[i]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(grid).save(path)
@@ -157,21 +237,28 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
 def chunking_viz(steps: list, records: list, cfg, path: str, num_samples: int = 4, num_cols: int = 5,
                  vae=None, device="cpu") -> dict:
     """Figure of predicted x0 and boundary-probability maps at `num_cols` timesteps, noisy -> clean.
-    Returns the kept-token shares shown (per column, per sample) for logging and tests."""
+
+    steps: generate(..., progressive=True)'s per-step dicts; records: the Sampler's, one per step (made
+    with keep_maps=True). Returns the kept-token shares shown (per column, per sample) for logging and tests.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if len(records) != len(steps) or not records or "prob" not in records[0]:
+        raise ValueError(f"chunking_viz: expected one DC-DiT record with boundary maps per step, got "
+                         f"{len(records)} records for {len(steps)} steps (a fresh Sampler with keep_maps=True)")
     s = cfg.model.input_size
     n = min(num_samples, steps[0]["pred_xstart"].shape[0])
-    cols = np.linspace(0, len(steps) - 1, num_cols).round().astype(int)
-    fig, axes = plt.subplots(2 * n, num_cols, figsize=(2.2 * num_cols, 2.2 * 2 * n), squeeze=False)
+    cols = np.unique(np.linspace(0, len(steps) - 1, num_cols).round().astype(int))
+    fig, axes = plt.subplots(2 * n, len(cols), figsize=(2.0 * len(cols) + 1.0, 2.1 * 2 * n), squeeze=False,
+                             layout="constrained")
     shares = []
     for j, k in enumerate(cols):
         imgs = to_uint8_images(to_pixels(steps[k]["pred_xstart"][:n], cfg, vae, device))   # (n, H, W, 3)
         rec = records[k]
-        prob = rec["prob"][:n].view(n, s, s).numpy()
-        share = (rec["kept"][:n].float() / (s * s)).numpy()
+        prob = rec["prob"][:n].view(n, s, s).numpy()                                         # (n, H, W)
+        share = (rec["kept"][:n].float() / (s * s)).numpy()                                  # (n,)
         shares.append(share.tolist())
         for i in range(n):
             ax = axes[2 * i, j]
@@ -184,55 +271,82 @@ def chunking_viz(steps: list, records: list, cfg, path: str, num_samples: int = 
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_xlabel(f"kept {100 * share[i]:.1f}%", fontsize=8)
-    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, label="boundary probability p")
+    fig.colorbar(im, ax=axes, fraction=0.03, label="boundary probability p")
     fig.suptitle("DC-DiT chunking: predicted x0 (top) and router boundary probability (bottom)", fontsize=10)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return {"timesteps": [records[k]["t"] for k in cols], "kept_share": shares}
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by sample.py and sample_ddp.py; unset flags keep the config's sample section."""
     parser.add_argument("--ckpt", default="", help="our training checkpoint or a public DiT state dict")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    parser.add_argument("--cfg-scale", type=float, default=None)
-    parser.add_argument("--num-sampling-steps", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--tail-dropping-fraction", type=float, default=None)
-    parser.add_argument("--lite-cfg", action="store_true")
-    parser.add_argument("--uncond-tail-dropping-fraction", type=float, default=None)
+    parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--num-sampling-steps", type=int, default=None, help="DDPM steps (respaced)")
+    parser.add_argument("--seed", type=int, default=None, help="global seed; image i is seeded by (seed, i)")
+    parser.add_argument("--tail-dropping-fraction", type=float, default=None,
+                        help="elastic inference: drop this share of each sample's lowest-p boundary tokens")
+    parser.add_argument("--lite-cfg", action="store_true",
+                        help="give the unconditional CFG branch its own budget (--uncond-tail-dropping-fraction)")
+    parser.add_argument("--uncond-tail-dropping-fraction", type=float, default=None,
+                        help="Lite-CFG budget of the unconditional branch (needs --lite-cfg)")
+    parser.add_argument("--vae-path", default=os.environ.get("DCDIT_VAE_PATH", ""),
+                        help="local diffusers AutoencoderKL folder (default: $DCDIT_VAE_PATH, else the hub)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def apply_sampling_args(cfg, args) -> None:
-    """Command-line flags override the sample section (same validation as the config file)."""
+    """Command-line flags override the sample section (same validation as the config file), then the
+    combinations that cannot mean what the user asked are refused with the flag named."""
     from config import validate
     s = cfg.sample
     for flag, field in (("cfg_scale", "cfg_scale"), ("num_sampling_steps", "num_sampling_steps"), ("seed", "seed"),
                         ("tail_dropping_fraction", "tail_dropping_fraction"),
                         ("uncond_tail_dropping_fraction", "uncond_tail_dropping_fraction")):
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is not None:
             setattr(s, field, value)
-    s.lite_cfg = s.lite_cfg or args.lite_cfg
+    s.lite_cfg = s.lite_cfg or bool(getattr(args, "lite_cfg", False))
     validate(cfg)
+    if getattr(args, "uncond_tail_dropping_fraction", None) is not None and not s.lite_cfg:
+        raise SampleError("--uncond-tail-dropping-fraction needs --lite-cfg (without it both CFG branches use "
+                          "--tail-dropping-fraction)")
+    if s.lite_cfg and s.cfg_scale <= 1.0:
+        raise SampleError(f"--lite-cfg needs --cfg-scale > 1 (it sets the budget of the unconditional guidance "
+                          f"branch, which cfg_scale={s.cfg_scale} does not run)")
+    if not is_dcdit(cfg.model.name) and (s.tail_dropping_fraction > 0 or s.lite_cfg):
+        raise SampleError(f"--tail-dropping-fraction / --lite-cfg need a DC-DiT; model.name={cfg.model.name!r} "
+                          f"has no router")
 
 
 def uncond_budget(cfg) -> Optional[float]:
+    """Tail-drop fraction of the unconditional CFG rows under Lite-CFG, None when it is off (same budget)."""
     s = cfg.sample
     if not s.lite_cfg:
         return None
     return s.uncond_tail_dropping_fraction if s.uncond_tail_dropping_fraction >= 0 else s.tail_dropping_fraction
 
 
+def load_vae_if_latent(cfg, vae_path: str, device):
+    """The SD-VAE for data.kind=features (latents need decoding), else None."""
+    if cfg.data.kind != "features":
+        return None
+    from vae import load_vae
+    return load_vae(cfg.data.vae, vae_path, device)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     add_sampling_args(parser)
-    parser.add_argument("--class-labels", type=int, nargs="*", default=None, help="default: 207 360 387 974 88 979 417 279 or 0..N-1")
+    parser.add_argument("--class-labels", type=int, nargs="*", default=None,
+                        help="default: 207 360 387 974 88 979 417 279 (ImageNet) or every class twice")
+    parser.add_argument("--num-viz-samples", type=int, default=4, help="samples shown in chunking_viz.png")
     parser.add_argument("--out-dir", default=".")
     args = parser.parse_args(argv)
     model, cfg = load_model_for_sampling(args, args.ckpt, not args.no_ema, args.device)
-    apply_sampling_args(cfg, args)
     torch.manual_seed(cfg.sample.seed)
 
     if args.class_labels:
@@ -244,11 +358,10 @@ def main(argv=None):
     bad = [c for c in labels if not 0 <= c < cfg.model.num_classes]
     if bad:
         raise SampleError(f"--class-labels {bad} outside [0, {cfg.model.num_classes})")
+    if args.num_viz_samples < 1:
+        raise SampleError(f"--num-viz-samples {args.num_viz_samples}: expected >= 1")
     labels = torch.tensor(labels)
-    vae = None
-    if cfg.data.kind == "features":
-        from vae import load_vae
-        vae = load_vae(cfg.data.vae, os.environ.get("DCDIT_VAE_PATH", ""), args.device)
+    vae = load_vae_if_latent(cfg, args.vae_path, args.device)
     sampler = Sampler(model, cfg, cfg.sample.cfg_scale, cfg.sample.tail_dropping_fraction, uncond_budget(cfg))
     dcdit = is_dcdit(cfg.model.name)
     res = generate(model, cfg, labels, seed=cfg.sample.seed, device=args.device, sampler=sampler,
@@ -259,10 +372,11 @@ def main(argv=None):
     save_grid(images, path, nrow=min(len(labels), 10 if cfg.model.num_classes <= 10 else 4))
     print(f"saved {path}")
     if dcdit:
-        viz = chunking_viz(steps, sampler.records, cfg, os.path.join(args.out_dir, "chunking_viz.png"), vae=vae,
+        viz_path = os.path.join(args.out_dir, "chunking_viz.png")
+        viz = chunking_viz(steps, sampler.records, cfg, viz_path, num_samples=args.num_viz_samples, vae=vae,
                            device=args.device)
-        print(f"saved {os.path.join(args.out_dir, 'chunking_viz.png')}; kept-token share per column "
-              f"(t = {viz['timesteps']}): {[round(float(np.mean(s)), 3) for s in viz['kept_share']]}")
+        print(f"saved {viz_path}; kept-token share per column (t = {viz['timesteps']}): "
+              f"{[round(float(np.mean(s)), 3) for s in viz['kept_share']]}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,372 @@
+"""Sample many images for FID: one PNG per image index, ADM's .npz, and a JSON of the compute spent.
+
+    torchrun --nproc_per_node 8 sample_ddp.py --config configs/DCDiT-B-N4.yaml --ckpt ckpt.pt \\
+        --output-dir samples/dcdit-b-n4 --cfg-scale 1.5 [--num-fid-samples 50000] [--per-proc-batch-size 32] \\
+        [--tail-dropping-fraction 0.2] [--lite-cfg --uncond-tail-dropping-fraction 0.9] [section.field=value ...]
+    python sample_ddp.py ...             # the same, in one process
+
+Image i is written to DIR/{i:06d}.png. Its starting noise, per-step noise and class label come from
+generators seeded by (seed, i) (sample.image_generators / class_labels), so the N images are the same
+whatever the number of processes and the batch size (EDM2's per-image seeding). Rank r takes the
+indices r, r + W, r + 2W, ...; an index whose PNG already exists and decodes at the right size is
+skipped, so a killed run continues by rerunning the same command (a PNG truncated by the kill fails
+the check and is drawn again; PNGs are written to a temporary name and renamed, so a finished PNG is
+always whole). After a barrier rank 0 writes
+  DIR.npz   arr_0 (N, H, W, 3) uint8, read back from the PNGs in index order (ADM's evaluation format);
+  DIR.json  the resolved config, checkpoint, seed, guidance and tail-drop budgets, parameters, TFLOPs/img
+            measured from the tokens the inner blocks really ran (tools/flops.py), per-step kept-token
+            statistics and raw counts (`kept_tokens`, (steps, rows): cond rows then uncond rows of the
+            images drawn in this run, in index order), and per-step wall time / throughput (paper Fig. 4).
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from config import add_config_args, config_to_dict, main_guard
+from data import to_uint8_images
+from models import is_dcdit
+from sample import (SampleError, Sampler, add_sampling_args, class_labels, generate, image_size,
+                    load_model_for_sampling, load_vae_if_latent, uncond_budget)
+from tools.flops import count_params
+
+SETTINGS_FILE = ".settings.json"  # inside DIR: what its PNGs were drawn with, checked on resume
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2 through main_guard (not a usage dump)."""
+
+    def error(self, message):
+        raise SampleError(f"{message} (see --help)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    add_sampling_args(parser)
+    parser.add_argument("--output-dir", required=True, help="folder of PNGs; DIR.npz and DIR.json go beside it")
+    parser.add_argument("--per-proc-batch-size", type=int, default=None, help="images per process per batch")
+    parser.add_argument("--num-fid-samples", type=int, default=None, help="N, the number of images")
+    args = parser.parse_args(argv)
+    # As config overrides, so they are validated (and named) like any sample.* field and shown by --dry-run.
+    for flag, key in (("per_proc_batch_size", "per_proc_batch_size"), ("num_fid_samples", "num_fid_samples")):
+        if getattr(args, flag) is not None:
+            args.overrides.append(f"sample.{key}={getattr(args, flag)}")
+    if not args.ckpt and not args.dry_run:
+        raise SampleError("--ckpt is required: a training checkpoint or a public DiT state dict")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------------
+
+def init_distributed(device_flag: str):
+    """-> (rank, world, device). torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_flag.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SampleError(f"--device {device_flag}: no CUDA device is available; use --device cpu")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        # DiT's sample_ddp.py samples with TF32 matmuls; per-image seeds are unaffected.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device(device_flag)
+    if world > 1:
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _broadcast(obj, world: int):
+    """rank 0's `obj` on every rank."""
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(obj, rank: int, world: int):
+    """Every rank's `obj` as a list on rank 0 (None elsewhere)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------
+
+def png_path(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, f"{index:06d}.png")
+
+
+def png_ok(path: str, size: int) -> bool:
+    """The PNG exists, passes PIL's checksum verification, decodes fully, and is size x size RGB."""
+    from PIL import Image
+    if not os.path.isfile(path):
+        return False
+    try:
+        with Image.open(path) as im:
+            im.verify()  # chunk CRCs; a truncated file fails here or on load below
+        with Image.open(path) as im:
+            im.load()
+            return im.format == "PNG" and im.size == (size, size) and im.mode == "RGB"
+    except Exception:
+        return False
+
+
+def save_png_atomic(arr: np.ndarray, path: str) -> None:
+    """(H, W, 3) uint8 -> PNG via a temporary name and a rename, so a kill never leaves half a PNG under
+    the final name (the temporary name does not end in .png, so folder readers never see it)."""
+    from PIL import Image
+    tmp = f"{path}.tmp.{os.getpid()}"
+    Image.fromarray(arr).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_atomic(path: str, write) -> None:
+    """Call write(file object) on a temporary file, then rename it to `path`."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def read_npz_images(out_dir: str, n: int, size: int, progress: bool) -> np.ndarray:
+    """(n, size, size, 3) uint8 from DIR/{i:06d}.png, i = 0..n-1, in index order."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+    arr = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in tqdm(range(n), desc="building .npz", disable=not progress):
+        with Image.open(png_path(out_dir, i)) as im:
+            arr[i] = np.asarray(im.convert("RGB"))
+    return arr
+
+
+def run_settings(cfg, args) -> dict:
+    """What decides the pixels of image i; a resumed run must match it (N and batch size may change)."""
+    resolved = config_to_dict(cfg)
+    sample = {k: v for k, v in resolved["sample"].items() if k not in ("per_proc_batch_size", "num_fid_samples")}
+    return {"ckpt": os.path.abspath(args.ckpt), "use_ema": not args.no_ema, "model": resolved["model"],
+            "diffusion": resolved["diffusion"], "data_kind": cfg.data.kind, "vae": cfg.data.vae,
+            "latent_scale": cfg.data.latent_scale, "sample": sample}
+
+
+def check_settings(out_dir: str, settings: dict) -> str:
+    """'' if DIR is new or was drawn with `settings` (then recorded), else a one-line explanation."""
+    path = os.path.join(out_dir, SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = _first_difference(old, settings)
+        if diff:
+            return (f"--output-dir {out_dir} holds images drawn with different settings ({diff}); use another "
+                    f"--output-dir, or delete {path} if mixing them is intended")
+        return ""
+    write_atomic(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+    return ""
+
+
+def _first_difference(old, new, prefix="") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            diff = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            if diff:
+                return diff
+        return ""
+    return "" if old == new else f"{prefix[:-1]} was {old!r}, now {new!r}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics of the tokens actually run (DC-DiT) and of wall time
+# ----------------------------------------------------------------------------------------------------
+
+class RunLog:
+    """Per-batch records of one rank: image indices, kept tokens per step per row, seconds per step."""
+
+    def __init__(self):
+        self.indices, self.cond, self.uncond, self.seconds, self.timesteps = [], [], [], [], None
+
+    def add(self, indices, records: list, use_cfg: bool) -> None:
+        n = len(indices)
+        self.indices.extend(int(i) for i in indices)
+        self.timesteps = [r["t"] for r in records]
+        self.seconds.append((n, np.array([r["seconds"] for r in records])))                 # (S,)
+        if "kept" in records[0]:
+            kept = np.stack([r["kept"].numpy() for r in records], axis=1).astype(np.int32)  # (rows, S)
+            self.cond.append(kept[:n])                                                      # (n, S)
+            if use_cfg:
+                self.uncond.append(kept[n:])                                                # (n, S)
+
+    def payload(self) -> dict:
+        return {"indices": self.indices, "cond": self.cond, "uncond": self.uncond, "seconds": self.seconds,
+                "timesteps": self.timesteps}
+
+
+def _summary(x: np.ndarray) -> dict:
+    return {"mean": float(x.mean()), "std": float(x.std()), "min": int(x.min()), "max": int(x.max())}
+
+
+def merge_logs(payloads: list, use_cfg: bool) -> dict:
+    """Rank payloads -> JSON fields: kept_tokens (S, rows) in index order, per-step stats, timing."""
+    out = {"timesteps": next((p["timesteps"] for p in payloads if p["timesteps"]), None)}
+    indices = np.array([i for p in payloads for i in p["indices"]], dtype=np.int64)
+    out["measured_images"] = int(len(indices))
+    if len(indices) and any(p["cond"] for p in payloads):
+        order = np.argsort(indices, kind="stable")
+        cond = np.concatenate([c for p in payloads for c in p["cond"]])[order]                 # (n, S)
+        parts = [cond]
+        if use_cfg:
+            uncond = np.concatenate([u for p in payloads for u in p["uncond"]])[order]         # (n, S)
+            parts.append(uncond)
+        kept = np.concatenate(parts, axis=0).T                                                # (S, rows)
+        out["kept_tokens"] = np.ascontiguousarray(kept)
+        out["kept_tokens_rows"] = {"cond": int(len(cond)), "uncond": int(len(cond)) if use_cfg else 0}
+        out["kept_stats"] = [{"t": t, "cond": _summary(cond[:, s]),
+                              **({"uncond": _summary(uncond[:, s])} if use_cfg else {})}
+                             for s, t in enumerate(out["timesteps"])]
+    # Throughput per step: each rank's images over its seconds at that step, summed over ranks (they run
+    # concurrently). A rank's first batch carries one-off warm-up costs, so it is left out when it has more.
+    rates, seconds = [], []
+    for p in payloads:
+        timed = p["seconds"][1:] if len(p["seconds"]) > 1 else p["seconds"]
+        if timed:
+            n = sum(b for b, _ in timed)
+            total = np.sum([s for _, s in timed], axis=0)                                     # (S,)
+            rates.append(n / np.maximum(total, 1e-12))
+            seconds.extend(s for _, s in timed)
+    if rates:
+        out["step_seconds"] = np.mean(seconds, axis=0).tolist()  # one model call, mean over timed batches
+        out["images_per_second"] = np.sum(rates, axis=0).tolist()
+    return out
+
+
+def token_count(model) -> int:
+    """L: the tokens a forward could run (DC-DiT's latent grid, DiT's patches)."""
+    if hasattr(model, "grid"):
+        return int(model.grid[0] * model.grid[1])
+    return int(model.pos_embed.shape[1])
+
+
+def dump_json(report: dict) -> str:
+    """json.dumps, with the (S, rows) kept-count array written row by row: at 50K images, 250 steps and
+    CFG it holds 25M counts, which as one nested Python list would take about 1 GB of memory."""
+    kept = report.get("kept_tokens")
+    if not isinstance(kept, np.ndarray):
+        return json.dumps(report)
+    marker = '"__kept_tokens__"'
+    text = json.dumps({**report, "kept_tokens": marker[1:-1]})
+    rows = ",".join("[" + ",".join(map(str, row.tolist())) + "]" for row in kept)
+    return text.replace(marker, f"[{rows}]", 1)
+
+
+def measure_tflops(model, cfg, merged: dict):
+    """TFLOPs per image over the whole sampling run (tools/flops.py), from measured kept tokens for DC-DiT."""
+    from tools.flops import dcdit_flops_coeffs, forward_flops, tflops_from_counts
+    use_cfg = cfg.sample.cfg_scale > 1.0
+    if is_dcdit(cfg.model.name):
+        if "kept_tokens" not in merged:
+            return None  # nothing drawn in this run: no measurement
+        return float(tflops_from_counts(dcdit_flops_coeffs(model), merged["kept_tokens"], use_cfg))
+    return forward_flops(model) * cfg.sample.num_sampling_steps * (2 if use_cfg else 1) / 1e12
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_distributed(args.device)
+    try:
+        run(args, rank, world, device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@torch.no_grad()
+def run(args, rank: int, world: int, device) -> None:
+    from tqdm.auto import tqdm
+    model, cfg = load_model_for_sampling(args, args.ckpt, not args.no_ema, device)
+    s = cfg.sample
+    out_dir = os.path.normpath(args.output_dir)
+    n_total, size = s.num_fid_samples, image_size(cfg)
+    use_cfg = s.cfg_scale > 1.0
+
+    problem = ""
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        problem = check_settings(out_dir, run_settings(cfg, args))
+    problem = _broadcast(problem, world)
+    if problem:
+        raise SampleError(problem)
+
+    todo = [i for i in range(rank, n_total, world) if not png_ok(png_path(out_dir, i), size)]
+    counts = _gather(len(todo), rank, world)
+    if rank == 0:
+        remaining = sum(counts)
+        print(f"{cfg.model.name}: {n_total} images in {out_dir} ({n_total - remaining} already there), "
+              f"{world} process(es) x batch {s.per_proc_batch_size}, cfg {s.cfg_scale}, "
+              f"tail drop {s.tail_dropping_fraction}, uncond {uncond_budget(cfg)}", flush=True)
+    vae = load_vae_if_latent(cfg, args.vae_path, device) if todo else None
+    log = RunLog()
+    bar = tqdm(total=len(todo), desc=f"rank 0 of {world}", disable=rank != 0)
+    for start in range(0, len(todo), s.per_proc_batch_size):
+        batch = todo[start:start + s.per_proc_batch_size]
+        labels = class_labels(s.seed, batch, cfg.model.num_classes)                # (n,)
+        sampler = Sampler(model, cfg, s.cfg_scale, s.tail_dropping_fraction, uncond_budget(cfg), keep_maps=False)
+        images = generate(model, cfg, labels, seed=s.seed, device=device, indices=batch, sampler=sampler, vae=vae)
+        for i, arr in zip(batch, to_uint8_images(images)):                         # (n, H, W, 3)
+            save_png_atomic(arr, png_path(out_dir, i))
+        log.add(batch, sampler.records, use_cfg)
+        bar.update(len(batch))
+    bar.close()
+
+    _barrier(world)
+    payloads = _gather(log.payload(), rank, world)
+    if rank != 0:
+        return
+    missing = [i for i in range(n_total) if not os.path.isfile(png_path(out_dir, i))]
+    if missing:
+        raise SampleError(f"{len(missing)} PNGs missing after sampling (first {png_path(out_dir, missing[0])}); rerun")
+    arr = read_npz_images(out_dir, n_total, size, progress=True)                   # (N, H, W, 3)
+    write_atomic(f"{out_dir}.npz", lambda f: np.savez(f, arr_0=arr))
+    merged = merge_logs(payloads, use_cfg)
+    report = {
+        "config": config_to_dict(cfg), "ckpt": os.path.abspath(args.ckpt), "use_ema": not args.no_ema,
+        "model": cfg.model.name, "params": count_params(model),
+        "num_images": n_total, "image_size": size, "seed": s.seed, "cfg_scale": s.cfg_scale,
+        "num_sampling_steps": s.num_sampling_steps, "tail_dropping_fraction": s.tail_dropping_fraction,
+        "lite_cfg": s.lite_cfg, "uncond_tail_dropping_fraction": uncond_budget(cfg),
+        "token_count": token_count(model), "world_size": world, "per_proc_batch_size": s.per_proc_batch_size,
+        "npz": os.path.abspath(f"{out_dir}.npz"), **merged,
+    }
+    report["tflops_per_img"] = measure_tflops(model, cfg, merged)
+    write_atomic(f"{out_dir}.json", lambda f: f.write(dump_json(report).encode()))
+    tflops = report["tflops_per_img"]
+    tflops = "n/a (no image drawn in this run)" if tflops is None else f"{tflops:.4g}"
+    print(f"wrote {out_dir}.npz {tuple(arr.shape)} and {out_dir}.json (TFLOPs/img {tflops})", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main)())

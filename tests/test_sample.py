@@ -1,0 +1,190 @@
+"""sample.py: grid and chunking_viz, per-image seeds (batch independence), tail dropping, Lite-CFG, flag errors."""
+import argparse
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from config import config_to_dict, load_config, main_guard
+from models import create_model
+
+# A pixel-space DC-DiT small enough for a 2-core CPU: 1 x 8 x 8 "digits", width 32, one inner block.
+TINY_DCDIT = ["data.kind=digits", "model.name=DCDiT-S", "model.input_size=8", "model.in_channels=1",
+              "model.num_classes=10", "model.hidden_size=32", "model.num_heads=2", "model.depth=1",
+              "model.encoder_width=8", "model.norm_groups=4", "model.router=predictability",
+              "sample.num_sampling_steps=4", "sample.cfg_scale=2.0", "sample.guide_channels=0"]
+TINY_DIT = ["data.kind=digits", "model.name=DiT-S/2", "model.input_size=8", "model.in_channels=1",
+            "model.num_classes=10", "model.hidden_size=32", "model.num_heads=2", "model.depth=1",
+            "sample.num_sampling_steps=3", "sample.cfg_scale=2.0", "sample.guide_channels=0"]
+
+
+def make_checkpoint(path, overrides=TINY_DCDIT, seed=0, router_bias=0.0):
+    """A training-format checkpoint ({model, ema, opt, config, step}) with trained-looking weights.
+
+    Fresh weights hide bugs (zero-initialised adaLN and output layers make every sample alike), so all
+    weights get noise; the predictability router's output bias is set to `router_bias` so the router
+    keeps a realistic share of tokens (~55% at 0.0) instead of the 2 forced endpoints of a fresh model.
+    """
+    cfg = load_config(None, overrides)
+    torch.manual_seed(seed)
+    model = create_model(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        if hasattr(model, "router") and hasattr(model.router, "out"):
+            model.router.out.bias.fill_(router_bias)
+    state = model.state_dict()
+    torch.save({"model": state, "ema": state, "opt": {}, "config": config_to_dict(cfg), "step": 0}, path)
+    return str(path)
+
+
+def load(path):
+    args = argparse.Namespace(config=None, overrides=[], dry_run=False)
+    return sample.load_model_for_sampling(args, path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "dcdit.pt")
+    model, cfg = load(path)
+    return path, model, cfg
+
+
+def test_grid_and_chunking_viz_written(tiny, tmp_path, capsys):
+    path, _, _ = tiny
+    sample.main(["--ckpt", path, "--out-dir", str(tmp_path), "--class-labels", "0", "1", "2",
+                 "--num-sampling-steps", "3", "--num-viz-samples", "2", "--device", "cpu"])
+    grid = np.asarray(Image.open(tmp_path / "sample.png"))
+    assert grid.shape == (2 + 8 + 2, 2 + 3 * (8 + 2), 3)  # 3 images of 8 px in one row, 2 px gutters
+    assert Image.open(tmp_path / "chunking_viz.png").size[0] > 100
+    out = capsys.readouterr().out
+    assert "kept-token share per column" in out
+
+
+def test_chunking_viz_reports_the_kept_shares_it_draws(tiny, tmp_path):
+    _, model, cfg = tiny
+    sampler = sample.Sampler(model, cfg, 2.0)
+    images, steps = sample.generate(model, cfg, torch.tensor([3, 4, 5]), sampler=sampler, progressive=True)
+    assert images.shape == (3, 1, 8, 8) and len(steps) == len(sampler.records) == 4
+    viz = sample.chunking_viz(steps, sampler.records, cfg, str(tmp_path / "viz.png"), num_samples=3, num_cols=4)
+    assert (tmp_path / "viz.png").stat().st_size > 0
+    assert viz["timesteps"] == [999, 666, 333, 0]
+    for k, shares in enumerate(viz["kept_share"]):
+        expected = sampler.records[k]["kept"][:3].float() / 64
+        assert shares == pytest.approx(expected.tolist())
+        # A realistic router: well above the 2 forced endpoints, below all 64 tokens.
+        assert all(0.2 < s < 0.9 for s in shares)
+    with pytest.raises(ValueError, match="one DC-DiT record"):
+        sample.chunking_viz(steps, sampler.records[:2], cfg, str(tmp_path / "bad.png"))
+
+
+def short(cfg, steps=2):
+    """The same config with fewer sampling steps (keeps the 2-core test budget)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.sample.num_sampling_steps = steps
+    return cfg
+
+
+def _kept(model, cfg, labels, f, uncond=None, cfg_scale=2.0):
+    sampler = sample.Sampler(model, cfg, cfg_scale, f, uncond, keep_maps=False)
+    sample.generate(model, short(cfg), labels, seed=1, sampler=sampler)
+    return torch.stack([r["kept"] for r in sampler.records])  # (steps, rows)
+
+
+def test_tail_drop_reduces_kept_tokens_monotonically(tiny):
+    _, model, cfg = tiny
+    labels = torch.arange(5)
+    kept = {f: _kept(model, cfg, labels, f, cfg_scale=1.0) for f in (0.0, 0.3, 0.6)}
+    means = [kept[f].float().mean().item() for f in sorted(kept)]
+    assert all(a > b for a, b in zip(means, means[1:])), means
+    # At the first step every budget sees the same x_T, so each row keeps exactly M - floor(f M).
+    m0 = kept[0.0][0].double()
+    for f, k in kept.items():
+        assert torch.equal(k[0].double(), m0 - torch.floor(f * m0)), f
+
+
+def test_lite_cfg_uncond_rows_keep_fewer_tokens(tiny):
+    _, model, cfg = tiny
+    labels, n = torch.arange(5), 5
+    lite = _kept(model, cfg, labels, 0.0, uncond=0.7)       # (steps, 2n)
+    plain = _kept(model, cfg, labels, 0.0, uncond=None)
+    assert (lite[:, n:] < lite[:, :n]).all()                  # every uncond row, every step
+    assert lite[:, n:].float().mean() < 0.5 * lite[:, :n].float().mean()
+    # Plain CFG gives both halves the same budget: their counts differ only through the label.
+    assert abs(plain[:, n:].float().mean() - plain[:, :n].float().mean()) < 0.1 * plain.float().mean()
+    # Equal conditional budget: at the first step the conditional rows are identical.
+    assert torch.equal(lite[0, :n], plain[0, :n])
+
+
+def test_same_image_alone_or_in_a_batch(tiny):
+    """Per-image generators: image i depends on (seed, i) only. Measured max |diff| ~1e-4 on values
+    of magnitude ~500 (~2e-7 relative, float noise of batched kernels); distinct indices differ by ~1e2."""
+    _, model, cfg = tiny
+    labels = torch.tensor([1, 2, 3, 4, 5, 6])
+    batch = sample.generate(model, cfg, labels, seed=3)                                  # indices 0..5
+    alone = sample.generate(model, cfg, labels[3:4], seed=3, indices=[3])
+    shuffled = sample.generate(model, cfg, labels[[5, 3]], seed=3, indices=[5, 3])
+    scale = batch.abs().max().item()
+    for got, want in ((alone[0], batch[3]), (shuffled[1], batch[3]), (shuffled[0], batch[5])):
+        assert (got - want).abs().max().item() <= 1e-6 * max(1.0, scale)
+    assert (batch[3] - batch[4]).abs().max().item() > 1e-2 * max(1.0, scale)  # seeds really differ
+    other_seed = sample.generate(model, cfg, labels[3:4], seed=4, indices=[3])
+    assert (other_seed[0] - batch[3]).abs().max().item() > 1e-2 * max(1.0, scale)
+
+
+def test_generate_uses_eval_mode_and_restores_it(tiny):
+    """Label dropout must be off while sampling even if the caller left the model training."""
+    _, model, cfg = tiny
+    labels, cfg = torch.tensor([0, 7]), short(cfg)
+    ref = sample.generate(model, cfg, labels, seed=5)
+    model.train()
+    try:
+        got = sample.generate(model, cfg, labels, seed=5)
+        assert model.training
+    finally:
+        model.eval()
+    assert torch.allclose(got, ref, rtol=0, atol=1e-6 * max(1.0, ref.abs().max().item()))
+
+
+def test_seeds_and_labels_depend_only_on_the_image_index():
+    labels = sample.class_labels(0, range(400), 10)
+    assert torch.equal(sample.class_labels(0, [17, 3], 10), labels[[17, 3]])
+    assert set(labels.tolist()) == set(range(10)) and labels.bincount().min() > 20   # uniform-ish
+    assert not torch.equal(sample.class_labels(1, range(400), 10), labels)
+    seeds = {sample.image_seed(s, i, k) for s in (0, 1, 2 ** 32 - 1) for i in (0, 1, 10 ** 6) for k in (0, 1, 2)}
+    assert len(seeds) == 27 and max(seeds) < 2 ** 64
+    a = torch.randn(3, generator=sample.image_generators(0, [5])[0])
+    b = torch.randn(3, generator=sample.image_generators(0, [2, 5])[1])
+    assert torch.equal(a, b)
+
+
+def test_dit_checkpoint_samples_a_grid_and_refuses_tail_dropping(tmp_path, capsys):
+    path = make_checkpoint(tmp_path / "dit.pt", TINY_DIT)
+    sample.main(["--ckpt", path, "--out-dir", str(tmp_path), "--class-labels", "1", "2", "--device", "cpu"])
+    assert (tmp_path / "sample.png").exists() and not (tmp_path / "chunking_viz.png").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main_guard(sample.main)(["--ckpt", path, "--tail-dropping-fraction", "0.3", "--out-dir", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "need a DC-DiT" in err[0]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lite-cfg", "--cfg-scale", "1.0"], "--lite-cfg needs --cfg-scale > 1"),
+    (["--uncond-tail-dropping-fraction", "0.5"], "needs --lite-cfg"),
+    (["--tail-dropping-fraction", "1.0"], "sample.tail_dropping_fraction"),
+    (["--class-labels", "10"], "outside [0, 10)"),
+    (["--ckpt", "/nonexistent.pt"], "no such file"),
+])
+def test_bad_flags_are_one_line_errors(tiny, tmp_path, capsys, flags, message):
+    path, _, _ = tiny
+    argv = ["--ckpt", path, "--out-dir", str(tmp_path), "--device", "cpu", *flags]
+    with pytest.raises(SystemExit) as e:
+        main_guard(sample.main)(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
