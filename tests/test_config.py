@@ -451,7 +451,7 @@ def test_shipped_config_values():
         assert cfg.model.depth == depth and cfg.model.name == "DiT-" + stem.split("-iso")[0].replace("-", "/")
     digits = load("tiny/dcdit-digits.yaml")
     assert (digits.model.name, digits.model.in_channels, digits.data.kind) == ("DCDiT-S", 1, "digits")
-    assert (digits.model.encoder_width, digits.model.norm_groups, digits.train.lr) == (32, 8, 3e-4)
+    assert (digits.model.encoder_width, digits.model.norm_groups, digits.train.lr) == (24, 8, 3e-4)
     test = load("tiny/test-dcdit.yaml")
     assert (test.model.input_size, test.model.depth, test.model.hidden_size, test.train.max_steps) == (8, 2, 64, 20)
     assert test.train.mixed_precision == "no" and test.data.num_workers == 0
