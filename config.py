@@ -39,6 +39,7 @@ VAES = ("ema", "mse")  # stabilityai/sd-vae-ft-ema | sd-vae-ft-mse
 MIXED_PRECISION = ("no", "fp16", "bf16")
 WANDB_MODES = ("disabled", "offline", "online")
 NAN_POLICIES = ("stop", "skip")
+FLOPS_SCOPES = ("blocks", "model")  # DyDiT's FLOPs loss over the inner blocks | the whole DC-DiT forward
 VAE_DOWNSAMPLE = 8  # SD-VAE maps an image_size^2 picture to an (image_size // 8)^2 latent grid
 
 
@@ -141,6 +142,17 @@ class UpcycleConfig:
 
 
 @dataclass
+class DyDiTConfig:
+    """DyDiT on the inner blocks (paper §4.5, Table 4): fine-tuned from a DC-DiT checkpoint."""
+    enabled: bool = False
+    target_ratio: float = 0.7             # lambda: target F_dynamic / F_static of the inner blocks (Table 4)
+    flops_loss_weight: float = 1.0        # weight of (mean F_dyn / F_static - lambda)^2 in the total loss
+    tau: float = 5.0                      # Gumbel-sigmoid temperature of the gates in training (DyDiT)
+    init_checkpoint: str = ""             # DC-DiT checkpoint to fine-tune from ("" = gates on a fresh model)
+    flops_scope: str = "blocks"           # F of the loss: "blocks" (inner blocks) | "model" (whole forward)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -148,6 +160,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
+    dydit: DyDiTConfig = field(default_factory=DyDiTConfig)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -416,7 +429,7 @@ def validate(cfg: Config) -> None:
     model registry (valid name, patch size dividing input_size) live in models.create_model.
     """
     _check_types(cfg)
-    m, d, data, t, s, u = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.sample, cfg.upcycle
+    m, d, data, t, s, u, dy = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.sample, cfg.upcycle, cfg.dydit
 
     _require(bool(m.name), "model.name", "a model registry name such as DCDiT-B or DiT-XL/2", m.name)
     _require(m.input_size >= 1, "model.input_size", "a positive grid side", m.input_size)
@@ -527,6 +540,28 @@ def validate(cfg: Config) -> None:
     _require(s.num_fid_samples >= 1, "sample.num_fid_samples", ">= 1", s.num_fid_samples)
 
     _require(u.distill_steps >= 0, "upcycle.distill_steps", ">= 0", u.distill_steps)
+
+    # lambda = 1 asks for no saving at all; lambda <= 0 for skipping every block.
+    _require(0.0 < dy.target_ratio <= 1.0, "dydit.target_ratio", "a FLOPs ratio lambda in (0, 1]", dy.target_ratio)
+    _require(dy.flops_loss_weight >= 0, "dydit.flops_loss_weight", ">= 0", dy.flops_loss_weight)
+    _require(dy.tau > 0, "dydit.tau", "> 0 (Gumbel-sigmoid temperature)", dy.tau)
+    _require(dy.flops_scope in FLOPS_SCOPES, "dydit.flops_scope", f"one of {FLOPS_SCOPES}", dy.flops_scope)
+    if dy.enabled:
+        _require(m.name.startswith("DCDiT"), "dydit.enabled", f"false for model.name={m.name!r} (DyDiT gates are "
+                 f"built into a DC-DiT's inner blocks)", dy.enabled)
+        _require(not u.checkpoint, "dydit.enabled", "false while upcycle.checkpoint is set (DyDiT fine-tunes a "
+                 "trained DC-DiT: upcycle first, then fine-tune from that run with dydit.init_checkpoint)", dy.enabled)
+        if m.hidden_size is not None:
+            _require(m.hidden_size >= 16, "model.hidden_size", ">= 16 with dydit.enabled (token router D/16 wide)",
+                     m.hidden_size)
+            heads = m.num_heads
+            hidden = int(m.hidden_size * m.mlp_ratio)
+            if heads is not None:
+                _require(hidden % heads == 0, "model.mlp_ratio", f"a ratio whose MLP width (hidden_size x mlp_ratio = "
+                         f"{hidden}) splits into model.num_heads={heads} DyDiT channel groups", m.mlp_ratio)
+    else:
+        _require(not dy.init_checkpoint, "dydit.init_checkpoint", "'' unless dydit.enabled is true",
+                 dy.init_checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def load_model_for_sampling(args, ckpt_path: str, use_ema: bool = True, device="
     if getattr(args, "dry_run", False):
         print(format_config(cfg), end="")
         raise SystemExit(0)
-    model = create_model(cfg.model)
+    model = create_model(cfg.model, cfg.dydit)
     if state is not None:
         try:
             model.load_state_dict(state, strict=True)

@@ -16,7 +16,10 @@ always whole). After a barrier rank 0 writes
   DIR.json  the resolved config, checkpoint, seed, guidance and tail-drop budgets, parameters, TFLOPs/img
             measured from the tokens the inner blocks really ran (tools/flops.py), per-step kept-token
             statistics and raw counts (`kept_tokens`, (steps, rows): cond rows then uncond rows of the
-            images drawn in this run, in index order), and per-step wall time / throughput (paper Fig. 4).
+            images drawn in this run, in index order), and per-step wall time / throughput (paper Fig. 4);
+            with DyDiT (dydit.enabled, §4.5) also `dydit`: the TFLOPs/img its gates left (then also
+            `tflops_per_img`), the DC-DiT's at the same kept tokens, their ratio, and per step the share of
+            heads, MLP groups and MLP tokens kept.
 """
 import argparse
 import json
@@ -32,7 +35,7 @@ from data import to_uint8_images
 from models import is_dcdit
 from sample import (SampleError, Sampler, add_sampling_args, class_labels, generate, image_size,
                     load_model_for_sampling, load_vae_if_latent, uncond_budget)
-from tools.flops import count_params
+from tools.flops import count_params, dcdit_flops_coeffs, dydit_dims, dydit_info_row_flops, static_block_flops
 
 SETTINGS_FILE = ".settings.json"  # inside DIR: what its PNGs were drawn with, checked on resume
 
@@ -222,6 +225,71 @@ class RunLog:
                 "timesteps": self.timesteps}
 
 
+class GateLog:
+    """Stands in for a DyDiT model inside sample.Sampler: passes every call through unchanged and adds up,
+    per sampling step, what the gates left (ChunkInfo.dydit, priced by tools/flops.dydit_info_row_flops).
+
+    Per step it sums over rows: [rows, FLOPs as run, DC-DiT FLOPs at the same kept tokens, the inner
+    blocks' static FLOPs, share of heads kept, share of MLP groups kept, tokens that ran an MLP, token
+    slots (M x depth)].
+    Sums, not per-row records: 50K images x 250 steps x 2 rows would not fit in a JSON.
+    """
+
+    FIELDS = ("rows", "flops", "dcdit_flops", "dcdit_block_flops", "heads", "groups", "tokens", "token_slots")
+
+    def __init__(self, model):
+        self.model = model
+        self.coeffs = dcdit_flops_coeffs(model)
+        self.dims, self.depth = dydit_dims(model)
+        self.sums, self.step = {}, 0
+
+    def start_batch(self) -> "GateLog":
+        self.step = 0
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self._record(self.model(*args, **kwargs))
+
+    def forward_with_cfg(self, *args, **kwargs):
+        return self._record(self.model.forward_with_cfg(*args, **kwargs))
+
+    def _record(self, res):
+        d = res[1].dydit
+        flops, dcdit = dydit_info_row_flops(self.coeffs, self.dims, d)                  # (rows,) each
+        kept = d.kept.detach().cpu().numpy().astype(np.float64)                         # (rows,)
+        row = np.array([len(flops), flops.sum(), dcdit.sum(),
+                        self.depth * static_block_flops(self.dims, kept).sum(),
+                        float(d.heads.detach().mean((1, 2)).sum()), float(d.groups.detach().mean((1, 2)).sum()),
+                        float(d.tokens.detach().sum()), kept.sum() * self.depth])
+        self.sums[self.step] = self.sums.get(self.step, 0.0) + row
+        self.step += 1
+        return res
+
+    def payload(self) -> list:
+        return [self.sums[s] for s in sorted(self.sums)]                               # S x (8,)
+
+
+def merge_gate_logs(payloads: list, timesteps, n_images: int, target_ratio: float) -> dict:
+    """Rank GateLog payloads -> the JSON's `dydit` entry (None when nothing was drawn)."""
+    parts = [np.stack(p) for p in payloads if p]
+    if not parts or n_images == 0:
+        return None
+    sums = np.sum(parts, axis=0)                                                         # (S, 8)
+    f = dict(zip(GateLog.FIELDS, sums.T))                                                # each (S,)
+    blocks_run = f["flops"] - (f["dcdit_flops"] - f["dcdit_block_flops"])               # (S,)
+    per_step = [{"t": t, "flops_ratio": float(f["flops"][s] / f["dcdit_flops"][s]),
+                 "blocks_flops_ratio": float(blocks_run[s] / f["dcdit_block_flops"][s]),
+                 "heads": float(f["heads"][s] / f["rows"][s]), "groups": float(f["groups"][s] / f["rows"][s]),
+                 "tokens": float(f["tokens"][s] / f["token_slots"][s])}
+                for s, t in enumerate(timesteps)]
+    return {"target_ratio": target_ratio,
+            "tflops_per_img": float(f["flops"].sum() / n_images / 1e12),
+            "dcdit_tflops_per_img": float(f["dcdit_flops"].sum() / n_images / 1e12),
+            "flops_ratio": float(f["flops"].sum() / f["dcdit_flops"].sum()),
+            "blocks_flops_ratio": float(blocks_run.sum() / f["dcdit_block_flops"].sum()),
+            "per_step": per_step}
+
+
 def _summary(x: np.ndarray) -> dict:
     return {"mean": float(x.mean()), "std": float(x.std()), "min": int(x.min()), "max": int(x.max())}
 
@@ -330,11 +398,13 @@ def run(args, rank: int, world: int, device) -> None:
               f"tail drop {s.tail_dropping_fraction}, uncond {uncond_budget(cfg)}", flush=True)
     vae = load_vae_if_latent(cfg, args.vae_path, device) if todo else None
     log = RunLog()
+    gates = GateLog(model) if cfg.dydit.enabled else None  # DyDiT: FLOPs as its gates left them
     bar = tqdm(total=len(todo), desc=f"rank 0 of {world}", disable=rank != 0)
     for start in range(0, len(todo), s.per_proc_batch_size):
         batch = todo[start:start + s.per_proc_batch_size]
         labels = class_labels(s.seed, batch, cfg.model.num_classes)                # (n,)
-        sampler = Sampler(model, cfg, s.cfg_scale, s.tail_dropping_fraction, uncond_budget(cfg), keep_maps=False)
+        runner = model if gates is None else gates.start_batch()
+        sampler = Sampler(runner, cfg, s.cfg_scale, s.tail_dropping_fraction, uncond_budget(cfg), keep_maps=False)
         images = generate(model, cfg, labels, seed=s.seed, device=device, indices=batch, sampler=sampler, vae=vae)
         for i, arr in zip(batch, to_uint8_images(images)):                         # (n, H, W, 3)
             save_png_atomic(arr, png_path(out_dir, i))
@@ -344,6 +414,7 @@ def run(args, rank: int, world: int, device) -> None:
 
     _barrier(world)
     payloads = _gather(log.payload(), rank, world)
+    gate_payloads = _gather(gates.payload() if gates is not None else None, rank, world)
     if rank != 0:
         return
     missing = [i for i in range(n_total) if not os.path.isfile(png_path(out_dir, i))]
@@ -362,6 +433,11 @@ def run(args, rank: int, world: int, device) -> None:
         "npz": os.path.abspath(f"{out_dir}.npz"), **merged,
     }
     report["tflops_per_img"] = measure_tflops(model, cfg, merged)
+    if cfg.dydit.enabled:
+        report["dydit"] = merge_gate_logs(gate_payloads, merged["timesteps"], merged["measured_images"],
+                                          cfg.dydit.target_ratio)
+        if report["dydit"] is not None:  # what ran; the DC-DiT's cost at the same kept tokens stays in `dydit`
+            report["tflops_per_img"] = report["dydit"]["tflops_per_img"]
     write_atomic(f"{out_dir}.json", lambda f: f.write(dump_json(report).encode()))
     tflops = report["tflops_per_img"]
     tflops = "n/a (no image drawn in this run)" if tflops is None else f"{tflops:.4g}"

@@ -4,6 +4,7 @@
     python train.py --config configs/tiny/dcdit-digits.yaml train.max_steps=2000     # CPU
     python train.py --config ... --resume results/003-DCDiT-B                      # continue exactly
     python train.py --config configs/DCDiT-XL-N4-upcycle.yaml --upcycle-from DiT-XL-2-256x256.pt  # §4.4
+    python train.py --config configs/DCDiT-B-N4-DyDiT.yaml dydit.init_checkpoint=<DC-DiT ckpt>     # §4.5
 
 Any config field can be overridden as `section.field=value`. Runs live in `results/NNN-name/` with
 `config.yaml`, `log.txt` and `checkpoints/{step:07d}.pt`. Resume is exact: the data order and every
@@ -14,6 +15,11 @@ Upcycling (paper §4.4, docs/upcycling.md): a fresh run copies a DiT checkpoint'
 embedders into the DC-DiT, then trains for upcycle.distill_steps steps on activation distillation from
 the frozen DiT before the diffusion loss takes over; which loss a step uses is a function of the step,
 so resuming on either side of the switch repeats the uninterrupted run.
+
+DyDiT (paper §4.5, docs/dydit.md): with dydit.enabled the inner blocks carry DyDiT's gates; a fresh run
+loads every weight of the DC-DiT checkpoint dydit.init_checkpoint strictly (only the new gate routers
+keep their all-on init), and the FLOPs loss (mean F_dyn / F_static - lambda)^2 joins the diffusion and
+ratio losses.
 """
 import argparse
 import glob
@@ -35,9 +41,11 @@ from config import add_config_args, config_from_args, config_to_dict, load_confi
 from data import build_dataset
 from diffusion import create_diffusion
 from models import create_model, is_dcdit
+from models.dydit import flops_loss, flops_ratio, load_dcdit_weights, read_dcdit_checkpoint
 from models.routing import compression_stats, ratio_loss
 from models.upcycle import (build_teacher, distillation_loss, freeze_embedders, load_dit_checkpoint,
                             reset_untouched_adam_state, upcycle_, upcycle_model_config)
+from tools.flops import dcdit_flops_coeffs
 
 
 class TrainError(RuntimeError):
@@ -245,6 +253,11 @@ def main(argv=None):
             dit_ckpt = load_dit_checkpoint(uc.checkpoint)
         if ckpt is None:
             upcycle_notes = upcycle_model_config(cfg.model, dit_ckpt)
+    # DyDiT fine-tuning (§4.5): a fresh run reads its DC-DiT checkpoint before anything is created.
+    dy = cfg.dydit
+    dcdit_init = None
+    if dy.enabled and dy.init_checkpoint and ckpt is None:
+        dcdit_init = read_dcdit_checkpoint(dy.init_checkpoint)                    # (state_dict, which weights)
 
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -271,7 +284,20 @@ def main(argv=None):
                 f"{tc.grad_accum_steps} x world {world} = global {tc.global_batch_size}")
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    model = create_model(cfg.model)
+    model = create_model(cfg.model, cfg.dydit)
+    if dy.enabled and ckpt is None:
+        if dcdit_init is not None:
+            gates = load_dcdit_weights(model, dcdit_init[0], dy.init_checkpoint)
+            logger.info(f"DyDiT fine-tuning (§4.5) from {dy.init_checkpoint} ({dcdit_init[1]} weights): every DC-DiT "
+                        f"weight loaded strictly; {len(gates)} gate-router tensors keep their init (every gate on)")
+            dcdit_init = None
+        else:
+            logger.info("DyDiT gates on a freshly initialised DC-DiT (dydit.init_checkpoint is empty; the paper "
+                        "fine-tunes a trained DC-DiT)")
+    # dydit.flops_scope=model: the FLOPs loss prices the whole forward, so it needs the DC-DiT's a + b M + c M^2.
+    dcdit_coeffs = None
+    if dy.enabled and dy.flops_scope == "model":
+        dcdit_coeffs = dcdit_flops_coeffs(model)
     teacher = None
     if uc.checkpoint:
         for note in upcycle_notes:
@@ -342,8 +368,8 @@ def main(argv=None):
             for old in sorted(glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]" * 7 + ".pt")))[:-tc.keep_last_ckpts]:
                 os.remove(old)
 
-    stats = {"loss": 0.0, "diffusion": 0.0, "distill": 0.0, "ratio": 0.0, "n": 0, "n_distill": 0}
-    comp = []
+    stats = {"loss": 0.0, "diffusion": 0.0, "distill": 0.0, "ratio": 0.0, "flops": 0.0, "n": 0, "n_distill": 0}
+    comp, flops_ratios = [], []
     t0 = time.time()
     data_iter = iter(loader)
     bar = tqdm(total=tc.max_steps, initial=start_step, disable=not accelerator.is_main_process, desc="train",
@@ -389,6 +415,12 @@ def main(argv=None):
                     r_loss = ratio_loss(r.natural_mask, r.prob, n_target, tc.ratio_group_size)
                     loss = loss + tc.ratio_loss_weight * r_loss
                     comp.append(compression_stats(r.natural_mask)["compression"].detach())
+                f_loss = torch.zeros((), device=device)
+                if dy.enabled:
+                    # DyDiT's FLOPs loss (§4.5): the gates' straight-through gradient pulls F_dyn / F_static to lambda.
+                    f_loss = flops_loss(infos[0].dydit, dy.target_ratio, dcdit_coeffs)
+                    loss = loss + dy.flops_loss_weight * f_loss
+                    flops_ratios.append(flops_ratio(infos[0].dydit, dcdit_coeffs).detach().float())
                 # Decided on all ranks together: a rank that skipped or stopped alone would hang the others.
                 bad = accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), reduction="sum")
                 if bad.item() > 0:
@@ -407,6 +439,7 @@ def main(argv=None):
             stats["loss"] += loss.item()
             stats["distill" if distilling else "diffusion"] += main_loss.item()
             stats["ratio"] += r_loss.item()
+            stats["flops"] += f_loss.item()
             stats["n"] += 1
             stats["n_distill"] += int(distilling)
         update_ema(ema, raw_model, tc.ema_decay)
@@ -415,7 +448,7 @@ def main(argv=None):
 
         if done % tc.log_every == 0 or done == tc.max_steps:
             elapsed = time.time() - t0
-            keys = ("loss", "diffusion", "distill", "ratio", "n", "n_distill")
+            keys = ("loss", "diffusion", "distill", "ratio", "flops", "n", "n_distill")
             vals = accelerator.reduce(torch.tensor([float(stats[k]) for k in keys], device=device), reduction="sum")
             tot = dict(zip(keys, vals.tolist()))
             n, n_distill = max(tot["n"], 1), tot["n_distill"]
@@ -433,12 +466,15 @@ def main(argv=None):
                 log.update(ratio_loss=tot["ratio"] / n, compression_gmean=cr.log().mean().exp().item(),
                            compression_std=cr.std().item() if cr.numel() > 1 else 0.0,
                            compression_min=cr.min().item(), compression_max=cr.max().item(), tail_drop=fraction)
+            if dy.enabled:
+                fr = accelerator.gather(torch.cat(flops_ratios))
+                log.update(flops_loss=tot["flops"] / n, flops_ratio=fr.mean().item())
             logger.info(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in log.items()}))
             bar.set_postfix(loss=f"{log['loss']:.4f}")
             if wandb_run is not None:
                 wandb_run.log(log, step=done)
-            stats = {"loss": 0.0, "diffusion": 0.0, "distill": 0.0, "ratio": 0.0, "n": 0, "n_distill": 0}
-            comp = []
+            stats = {"loss": 0.0, "diffusion": 0.0, "distill": 0.0, "ratio": 0.0, "flops": 0.0, "n": 0, "n_distill": 0}
+            comp, flops_ratios = [], []
             t0 = time.time()
 
         if done % tc.ckpt_every == 0 or done == tc.max_steps:

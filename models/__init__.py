@@ -1,4 +1,4 @@
-"""Model registries and the one constructor scripts use: `create_model(cfg.model)`."""
+"""Model registries and the one constructor scripts use: `create_model(cfg.model, cfg.dydit)`."""
 from .dc_dit import DCDiT, DCDiT_models
 from .dit import DiT, DiT_models
 
@@ -12,9 +12,16 @@ def is_dcdit(name: str) -> bool:
     return name in DCDiT_models
 
 
-def create_model(model_cfg):
-    """Build a DiT or a DC-DiT from a `config.ModelConfig` (registry name + overrides)."""
+def create_model(model_cfg, dydit_cfg=None):
+    """Build a DiT or a DC-DiT from a `config.ModelConfig` (registry name + overrides).
+
+    dydit_cfg: a `config.DyDiTConfig`; with `enabled` the DC-DiT's inner blocks carry DyDiT's gates (§4.5).
+    """
     name = model_cfg.name
+    dydit = dydit_cfg is not None and dydit_cfg.enabled
+    if dydit and name not in DCDiT_models:
+        raise ModelConfigError(f"dydit.enabled: DyDiT gates are built into a DC-DiT's inner blocks; model.name "
+                               f"{name!r} is not one of {', '.join(DCDiT_models)}")
     common = dict(input_size=model_cfg.input_size, in_channels=model_cfg.in_channels,
                   num_classes=model_cfg.num_classes, class_dropout_prob=model_cfg.class_dropout_prob,
                   learn_sigma=model_cfg.learn_sigma, mlp_ratio=model_cfg.mlp_ratio,
@@ -30,7 +37,8 @@ def create_model(model_cfg):
             **common, encoder_width=model_cfg.encoder_width, norm_groups=model_cfg.norm_groups,
             router=model_cfg.router, downsample_factor=model_cfg.downsample_factor,
             dechunk_sigma=model_cfg.dechunk_sigma, pos_scale=model_cfg.pos_scale,
-            cond_adaptor=model_cfg.cond_adaptor, attention=model_cfg.attention)
+            cond_adaptor=model_cfg.cond_adaptor, attention=model_cfg.attention, dydit=dydit,
+            dydit_tau=dydit_cfg.tau if dydit else 5.0)
     choices = ", ".join(list(DiT_models) + list(DCDiT_models))
     raise ModelConfigError(f"model.name {name!r} is not a known model; expected one of: {choices}")
 

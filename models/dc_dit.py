@@ -13,6 +13,7 @@ import torch.nn as nn
 from .attention import TokenLayout
 from .chunking import chunk, dechunk, grid_coords
 from .dit import DIT_SIZES, DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, guided_eps, run_blocks
+from .dydit import DyDiTBlock, DyDiTInfo, run_dydit_blocks
 from .isotropic import Decoder, Encoder
 from .pos_embed import sincos_2d
 from .routing import RouterOutput, build_router
@@ -47,6 +48,8 @@ class ChunkInfo:
     blocks: Optional[list] = None       # depth x (B, Mmax, D), each inner block's output, unpacked
     idx: Optional[torch.Tensor] = None  # (B, Mmax) long raster position of each slot
     valid: Optional[torch.Tensor] = None  # (B, Mmax) bool, real kept tokens (False at padding slots)
+    # Only for a model built with dydit=True (§4.5, models/dydit.py): gates and FLOPs of the inner blocks.
+    dydit: Optional[DyDiTInfo] = None
 
 
 class DCDiT(nn.Module):
@@ -55,7 +58,8 @@ class DCDiT(nn.Module):
                  num_classes: int = 1000, learn_sigma: bool = True, encoder_width: Optional[int] = None,
                  norm_groups: int = 32, router: str = "cosine", downsample_factor: float = 4.0,
                  dechunk_sigma: float = 1.0, pos_scale: float = 1.0, cond_adaptor: bool = False,
-                 attention: str = "packed", grad_checkpointing: bool = False):
+                 attention: str = "packed", grad_checkpointing: bool = False, dydit: bool = False,
+                 dydit_tau: float = 5.0):
         super().__init__()
         if attention not in ("packed", "padded"):
             raise ValueError(f"attention must be 'packed' or 'padded', got {attention!r}")
@@ -71,13 +75,18 @@ class DCDiT(nn.Module):
         self.pos_scale = pos_scale
         self.packed = attention == "packed"
         self.grad_checkpointing = grad_checkpointing
+        self.dydit = dydit
         width = encoder_width or hidden_size // 4
 
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.encoder = Encoder(in_channels, width, hidden_size, norm_groups, cond_adaptor)
         self.router = build_router(router, hidden_size, downsample_factor)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        if dydit:  # DyDiT gates on the inner blocks (§4.5); same parameter names plus the routers
+            blocks = [DyDiTBlock(hidden_size, num_heads, mlp_ratio, tau=dydit_tau) for _ in range(depth)]
+        else:
+            blocks = [DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
+        self.blocks = nn.ModuleList(blocks)
         self.residual_proj = nn.Linear(hidden_size, hidden_size)
         self.decoder = Decoder(width, hidden_size, norm_groups, cond_adaptor)
         self.final_layer = FinalLayer(width, 1, self.out_channels, cond_size=hidden_size)
@@ -106,6 +115,10 @@ class DCDiT(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        # DyDiT routers (§4.5): biases high (15 width, 35 token, as the release) so every gate starts on.
+        for block in self.blocks:
+            if isinstance(block, DyDiTBlock):
+                block.reset_gates()
 
     def pos_embed(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, Mmax) raster positions -> (B, Mmax, D) sin-cos at each kept token's own (row, col)."""
@@ -125,7 +138,8 @@ class DCDiT(nn.Module):
             raise ValueError(f"input grid {tuple(x.shape[-2:])} does not match the model's {self.grid}")
         if collect_blocks and not return_info:
             raise ValueError("collect_blocks=True returns the block outputs in ChunkInfo: pass return_info=True")
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
+        t_emb = self.t_embedder(t)                                               # (B, D)
+        c = t_emb + self.y_embedder(y, self.training, force_drop_ids)            # (B, D)
         enc = self.encoder(x, c)                                                 # (B, L, D)
         r = self.router(enc, self.grid)                                          # RouterOutput, each (B, L)
         if torch.is_tensor(tail_drop) or tail_drop > 0:
@@ -134,8 +148,11 @@ class DCDiT(nn.Module):
         z = z + self.pos_embed(idx).to(z.dtype)                                  # (B, Mmax, D)
         layout = TokenLayout.build(valid, self.packed)
         h = layout.pack(z)                                                       # (T, D) packed | (B, Mmax, D)
-        collected = None
-        if collect_blocks:
+        collected, dyn = None, None
+        if self.dydit:  # DyDiT's width gates read the timestep embedding alone (timestep-wise width)
+            collected = [] if collect_blocks else None
+            h, dyn = run_dydit_blocks(self.blocks, h, c, t_emb, layout, self.grad_checkpointing, collected)
+        elif collect_blocks:
             collected = []
             for block in self.blocks:
                 h = run_blocks([block], h, c, layout, self.grad_checkpointing)  # same shape
@@ -151,7 +168,7 @@ class DCDiT(nn.Module):
         B, L, C = h.shape
         out = h.transpose(1, 2).reshape(B, C, *self.grid)                        # (B, out, H, W)
         if return_info:
-            info = ChunkInfo(router=r, kept=valid.sum(1), grid=self.grid)
+            info = ChunkInfo(router=r, kept=valid.sum(1), grid=self.grid, dydit=dyn)
             if collect_blocks:
                 info.blocks, info.idx, info.valid = collected, idx, valid
             return out, info

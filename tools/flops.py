@@ -14,6 +14,12 @@ quadratic (c). `dcdit_flops_coeffs` reads a, b, c off exact counts at three valu
 them on a fourth; `tflops_from_counts` then prices the per-step, per-row kept counts a sampling run
 actually produced (with Lite-CFG the cheaper unconditional rows are charged as run).
 
+DyDiT (paper §4.5, models/dydit.py) gates heads, MLP channel groups and MLP tokens per sample inside
+the inner blocks. Its cost per model row is the DC-DiT's a + b M + c M^2 with every inner block's static
+cost replaced by its dynamic cost from the gate decisions (`dydit_row_flops`); `count_flops` counts an
+actual forward, values and all, which is how the tests show that the sliced inference path really skips
+that work.
+
 Counting is fast for any size: the model runs on the meta device (DiT) or, where chunking needs real
 token counts on the host (DC-DiT), on CPU with every FLOP-carrying op replaced by a zero tensor of
 the right shape (`_ShapeOnly`): FLOPs depend on shapes, never on values.
@@ -46,6 +52,8 @@ if ROOT not in sys.path:  # `python tools/flops.py` puts tools/ on the path, not
 
 from config import add_config_args, config_from_args, load_config, main_guard  # noqa: E402
 from models import DCDiT, DiT, create_model  # noqa: E402
+from models.dydit import BlockDims, DyDiTInfo, block_flops, dydit_blocks, dydit_execution  # noqa: E402
+from models.dydit import static_block_flops  # noqa: E402
 from models.routing import RouterOutput  # noqa: E402
 
 DEFAULT_STEPS = 250  # paper §4: DDPM sampling with 250 steps
@@ -228,13 +236,15 @@ def forward_flops(model: nn.Module, kept: Optional[int] = None) -> int:
     A DC-DiT runs with exactly M kept tokens and the padded attention layout: at batch 1 there is no
     padding, so the math is the packed path's, while attention goes through one SDPA call that the
     counter prices whatever kernel the device picks (flash-attn's varlen kernel would not be seen).
+    A DC-DiT with DyDiT gates is counted as the DC-DiT it composes with (every gate on, no routers);
+    its dynamic cost comes from `dydit_row_flops` and the gate decisions.
     """
     if isinstance(model, DCDiT):
         if kept is None:
             raise ValueError("forward_flops: a DC-DiT's cost depends on the kept-token count; pass kept=M "
                              f"(an int in [1, L={_num_tokens(model)}])")
         real = materialize(model)
-        with forced_kept(real, int(kept), packed=False):
+        with forced_kept(real, int(kept), packed=False), dydit_execution(real, "static"):
             return _count_forward(real)
     if isinstance(model, DiT):
         return _count_forward(model)
@@ -318,7 +328,60 @@ def tflops_from_counts(coeffs: Sequence[float], counts, cfg: bool = True) -> flo
 def build_model(cfg, device: str = "meta") -> nn.Module:
     """The config's model, on the meta device by default (instant, no memory, same parameter shapes)."""
     with torch.device(device):
-        return create_model(cfg.model)
+        return create_model(cfg.model, cfg.dydit)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DyDiT: the FLOPs its gates leave
+# ----------------------------------------------------------------------------------------------------
+
+def count_flops(model: nn.Module, *args, **kwargs) -> int:
+    """FLOPs of the call model(*args, **kwargs) as it really runs (values and all, on the model's device).
+
+    Unlike forward_flops this executes the forward, so data-dependent work, such as DyDiT's sliced heads,
+    channel groups and tokens, is priced as run.
+    """
+    with torch.no_grad(), flop_counter() as counter:
+        model(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+def dydit_dims(model: DCDiT) -> Tuple[BlockDims, int]:
+    """(widths of an inner DyDiT block, number of blocks) of a DC-DiT built with dydit=True."""
+    blocks = dydit_blocks(model)
+    if not blocks:
+        raise ValueError(f"dydit_dims: {type(model).__name__} has no DyDiT blocks (build it with dydit=True)")
+    return blocks[0].dims, len(blocks)
+
+
+def dydit_row_flops(coeffs: Sequence[float], dims: BlockDims, kept, heads, groups, tokens) -> np.ndarray:
+    """Forward FLOPs of each model row as DyDiT ran it, exact (float64).
+
+    coeffs: the DC-DiT's (a, b, c) (`dcdit_flops_coeffs`, which counts a DyDiT model with its gates on);
+    kept (R,) M per row; heads, groups (R, depth) heads and MLP groups kept per inner block; tokens
+    (R, depth) tokens that ran each block's MLP. The inner blocks' static cost at M is swapped for the
+    gated one (block_flops with the routers), everything else (scaffold, router, dechunk) is unchanged.
+    """
+    m = np.asarray(kept, dtype=np.float64)                                       # (R,)
+    h, g, k = (np.asarray(v, dtype=np.float64) for v in (heads, groups, tokens))  # (R, depth) each
+    if h.ndim != 2 or h.shape != g.shape or h.shape != k.shape or h.shape[0] != m.shape[0]:
+        raise ValueError(f"dydit_row_flops: expected kept (R,) and heads, groups, tokens (R, depth); got "
+                         f"{m.shape}, {h.shape}, {g.shape}, {k.shape}")
+    depth = h.shape[1]
+    dynamic = block_flops(dims, m[:, None], h, g, k, gated=True).sum(1)          # (R,)
+    return quadratic(coeffs, m) - depth * static_block_flops(dims, m) + dynamic
+
+
+def dydit_info_row_flops(coeffs: Sequence[float], dims: BlockDims, info: DyDiTInfo) -> Tuple[np.ndarray, np.ndarray]:
+    """(dynamic, static) forward FLOPs of every row of one forward, from its ChunkInfo.dydit: (R,) each."""
+    kept = info.kept.detach().cpu().numpy()
+    heads = info.heads.detach().sum(-1).round().cpu().numpy()                    # (R, depth)
+    groups = info.groups.detach().sum(-1).round().cpu().numpy()                  # (R, depth)
+    tokens = info.tokens.detach().round().cpu().numpy()                          # (R, depth)
+    static = quadratic(coeffs, kept.astype(np.float64))                          # (R,)
+    if not info.gated:  # "static" execution: the plain DC-DiT ran
+        return static, static
+    return dydit_row_flops(coeffs, dims, kept, heads, groups, tokens), static
 
 
 # ----------------------------------------------------------------------------------------------------
