@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from .attention import TokenLayout
 from .chunking import chunk, dechunk, grid_coords
-from .dit import DIT_SIZES, DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, guided_eps, run_blocks
+from .dit import (DIT_SIZES, DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, guided_eps, init_conditioning,
+                  init_linears, run_blocks)
 from .dydit import DyDiTBlock, DyDiTInfo, run_dydit_blocks
 from .isotropic import Decoder, Encoder
 from .pos_embed import sincos_2d
@@ -93,28 +94,13 @@ class DCDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        # Linear layers: xavier-uniform, zero bias (DiT), except those marked `_no_reinit`
-        # (the router's identity-initialised projections, H-Net's convention).
+        # Linear layers as DiT, except the router's identity-initialised projections (`_no_reinit`).
         self.residual_proj.weight._no_reinit = True
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                if not getattr(m.weight, "_no_reinit", False):
-                    nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None and not getattr(m.bias, "_no_reinit", False):
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
         # Residual path starts at zero (H-Net): the decoder first sees only dechunked features.
         nn.init.zeros_(self.residual_proj.weight)
-        # Embedders: N(0, 0.02) as DiT.
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero inner blocks and a zero output layer (DiT). Convs keep PyTorch's default init (LDM).
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        # Embedders, adaLN-Zero inner blocks, zero output layer (DiT). Convs keep PyTorch's default (LDM).
+        init_conditioning(self)
         # DyDiT routers (§4.5): biases high (15 width, 35 token, as the release) so every gate starts on.
         for block in self.blocks:
             if isinstance(block, DyDiTBlock):

@@ -152,6 +152,31 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, layout: 
     return x
 
 
+def init_linears(model: nn.Module) -> None:
+    """Every Linear: xavier-uniform weight, zero bias (DiT's transformer default), except tensors flagged
+    `_no_reinit` (identity-initialised router projections, zero residual_proj: H-Net's convention)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            if not getattr(m.weight, "_no_reinit", False):
+                nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None and not getattr(m.bias, "_no_reinit", False):
+                nn.init.zeros_(m.bias)
+
+
+def init_conditioning(model: nn.Module) -> None:
+    """DiT's init of the parts DiT and DC-DiT share: embedders N(0, 0.02); adaLN-Zero, so every block starts
+    as the identity; a zero output layer."""
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    for layer in (model.final_layer.adaLN_modulation[-1], model.final_layer.linear):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 def guided_eps(out: torch.Tensor, cfg_scale: float, guide_channels: int, in_channels: int) -> torch.Tensor:
     """Classifier-free guidance on a [cond; uncond] batch output, DiT's convention.
 
@@ -194,11 +219,7 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        # Every Linear: xavier-uniform, zero bias (transformer default in DiT).
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears(self)
         # Fixed 2D sin-cos positions on the patch grid.
         grid = self.input_size // self.patch_size
         self.pos_embed.data.copy_(sincos_2d_grid(self.pos_embed.shape[-1], grid).unsqueeze(0))
@@ -206,17 +227,7 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        # Embedders: N(0, 0.02).
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity; the output layer starts at zero.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        init_conditioning(self)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, p*p*C) -> (B, C, H, W)."""

@@ -1,4 +1,6 @@
 """Shared fixtures: a tiny latent-feature folder in the fast-DiT layout, and a helper to run scripts."""
+import glob
+import json
 import os
 import subprocess
 import sys
@@ -30,3 +32,20 @@ def run_script(args, timeout=300, check=True, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_losses(run_dir):
+    """{step: loss} from the JSON lines train.py writes to the run's log.txt."""
+    out = {}
+    for line in open(os.path.join(run_dir, "log.txt")):
+        if '"step"' in line:
+            rec = json.loads(line.split("] ", 1)[1])
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def only_run(results):
+    """The single run folder train.py made under `results`."""
+    runs = sorted(glob.glob(os.path.join(str(results), "*")))
+    assert len(runs) == 1, runs
+    return runs[0]

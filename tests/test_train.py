@@ -6,23 +6,7 @@ import os
 
 import torch
 
-from conftest import run_script
-
-
-def losses(run_dir):
-    """{step: loss} from the JSON lines of log.txt."""
-    out = {}
-    for line in open(os.path.join(run_dir, "log.txt")):
-        if '"step"' in line:
-            rec = json.loads(line.split("] ", 1)[1])
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
-def only_run(results):
-    runs = sorted(glob.glob(os.path.join(results, "*")))
-    assert len(runs) == 1, runs
-    return runs[0]
+from conftest import only_run, run_losses as losses, run_script
 
 
 def test_resume_repeats_the_uninterrupted_losses(feature_dir, tmp_path):

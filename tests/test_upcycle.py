@@ -54,14 +54,14 @@ def save(obj, tmp_path, name="dit.pt"):
 
 
 class KeepAll(torch.nn.Module):
-    """Router stub: every token is a boundary (p = 1), so the inner blocks see all L tokens."""
+    """Router stand-in: every token is a boundary (p = 1), so the inner blocks see all L tokens."""
 
     def forward(self, enc, grid):
         return _finish_routing(torch.ones(enc.shape[:2]))
 
 
 class KeepTopRows(torch.nn.Module):
-    """Router stub keeping only the first `rows` rows of the grid."""
+    """Router stand-in keeping only the first `rows` rows of the grid."""
 
     def __init__(self, rows):
         super().__init__()
@@ -74,7 +74,7 @@ class KeepTopRows(torch.nn.Module):
 
 
 class TeacherInput(torch.nn.Module):
-    """Encoder stub: the student's block input at token (r, c) becomes the teacher's at patch (r // p, c // p).
+    """Encoder stand-in: the student's block input at token (r, c) becomes the teacher's at patch (r // p, c // p).
 
     Returns teacher_embed[patch] + teacher_pos[patch] - student_pos[token]; DC-DiT then adds student_pos.
     """

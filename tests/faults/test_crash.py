@@ -1,7 +1,6 @@
 """Crashes and numerical faults lose nothing: kill -9 mid-run, NaN losses, a full disk, determinism."""
 import errno
 import glob
-import json
 import os
 import random
 import re
@@ -15,24 +14,9 @@ import psutil
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, only_run as the_run, run_losses as losses, run_script
 
 TINY = ["--config", "configs/tiny/test-dcdit.yaml", "train.log_every=1"]
-
-
-def losses(run_dir):
-    out = {}
-    for line in open(os.path.join(run_dir, "log.txt")):
-        if '"step"' in line:
-            rec = json.loads(line.split("] ", 1)[1])
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
-def the_run(results):
-    runs = glob.glob(os.path.join(str(results), "*"))
-    assert len(runs) == 1, runs
-    return runs[0]
 
 
 def torchrun(args):
