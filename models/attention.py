@@ -44,15 +44,29 @@ class TokenLayout:
     seqlens: list              # B python ints M_b (host copy; the CPU kernel splits by them)
 
     @classmethod
-    def build(cls, valid: torch.Tensor, packed: bool) -> "TokenLayout":
+    def build(cls, valid: torch.Tensor, packed: bool, seqlens: Optional[list] = None) -> "TokenLayout":
+        """valid (B, Mmax) with each sample's real slots first (as `chunk` lays them out).
+
+        seqlens: the B kept counts already on the host (`chunk(..., return_counts=True)`), so building the
+        layout costs no further host sync; without them they are read once here. A padded layout needs none.
+        """
         B, Mmax = valid.shape
-        counts = valid.sum(1)                                             # (B,)
-        cu = torch.zeros(B + 1, dtype=torch.int32, device=valid.device)
-        cu[1:] = counts.cumsum(0)
-        seqlens = counts.tolist() if packed else []                       # host sync: sizes of the packed axis
-        flat_idx = valid.flatten().nonzero().squeeze(1)                   # (T,)
-        batch_idx = torch.div(flat_idx, Mmax, rounding_mode="floor")      # (T,)
-        return cls(valid, packed, cu, Mmax, batch_idx, flat_idx, seqlens)
+        device = valid.device
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        if not packed:
+            cu = torch.zeros(B + 1, dtype=torch.int32, device=device)
+            cu[1:] = valid.sum(1).cumsum(0)
+            return cls(valid, False, cu, Mmax, empty, empty, [])
+        if seqlens is None:
+            seqlens = valid.sum(1).tolist()                               # host sync: sizes of the packed axis
+        T = int(sum(seqlens))
+        counts = torch.tensor(seqlens, dtype=torch.long, device=device)   # (B,) host -> device, no sync
+        starts = counts.cumsum(0) - counts                                # (B,) first packed token of each sample
+        cu = torch.cat([starts, starts[-1:] + counts[-1:]]).int()         # (B+1,)
+        batch_idx = torch.repeat_interleave(torch.arange(B, device=device), counts, output_size=T)  # (T,)
+        slot = torch.arange(T, device=device) - starts.index_select(0, batch_idx)                  # (T,)
+        flat_idx = batch_idx * Mmax + slot                                # (T,)
+        return cls(valid, True, cu, Mmax, batch_idx, flat_idx, list(seqlens))
 
     def pack(self, z: torch.Tensor) -> torch.Tensor:
         """(B, Mmax, D) -> (T, D) if packed, else unchanged."""

@@ -27,7 +27,7 @@ def grid_coords(idx: Tensor, grid: Tuple[int, int]) -> Tensor:
     return torch.stack([torch.div(idx, W, rounding_mode="floor"), idx % W], dim=-1).float()
 
 
-def chunk(x: Tensor, mask: Tensor, prob: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def chunk(x: Tensor, mask: Tensor, prob: Tensor, return_counts: bool = False):
     """Gather the kept tokens of every sample into a padded batch.
 
     x (B, L, D) any dtype, mask (B, L) bool (kept tokens), prob (B, L) boundary probabilities.
@@ -36,7 +36,9 @@ def chunk(x: Tensor, mask: Tensor, prob: Tensor) -> Tuple[Tensor, Tensor, Tensor
     slots [M_b, Mmax) hold its highest-p non-boundary tokens in decreasing p (the paper's padding;
     ties among equal p are in topk's order), marked invalid.
 
-    One host sync: Mmax (and the smallest M) must be known on the host to allocate the batch.
+    One host sync: the kept counts M_b must be on the host to allocate the batch (Mmax) and, for the
+    packed attention layout, to size the packed axis; return_counts=True also returns them (a list of B
+    ints) so the caller needs no second sync.
     """
     if x.dim() != 3 or mask.shape != x.shape[:2] or prob.shape != x.shape[:2]:
         raise ValueError(f"chunk expects x (B, L, D), mask and prob (B, L); got x {tuple(x.shape)}, "
@@ -45,7 +47,8 @@ def chunk(x: Tensor, mask: Tensor, prob: Tensor) -> Tuple[Tensor, Tensor, Tensor
         raise ValueError(f"chunk expects a bool mask, got {mask.dtype}")
     B, L, D = x.shape
     count = mask.sum(1)  # (B,) M_b
-    m_max, m_min = torch.stack([count.max(), count.min()]).tolist()  # the one host sync
+    counts = count.tolist()  # the one host sync
+    m_max, m_min = max(counts), min(counts)
     if m_min < 1:
         raise ValueError("chunk: every sample needs at least one kept token (routers force the first "
                          "and last raster tokens); got a sample with none")
@@ -68,7 +71,7 @@ def chunk(x: Tensor, mask: Tensor, prob: Tensor) -> Tuple[Tensor, Tensor, Tensor
         idx = torch.where(valid, idx, pad_pos.gather(1, rank))  # (B, Mmax)
 
     z = x.gather(1, idx.unsqueeze(-1).expand(B, m_max, D))  # (B, Mmax, D)
-    return z, valid, idx
+    return (z, valid, idx, counts) if return_counts else (z, valid, idx)
 
 
 def plug_back_index(idx: Tensor, valid: Tensor, grid: Tuple[int, int]) -> Tensor:

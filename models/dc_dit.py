@@ -130,9 +130,9 @@ class DCDiT(nn.Module):
         r = self.router(enc, self.grid)                                          # RouterOutput, each (B, L)
         if torch.is_tensor(tail_drop) or tail_drop > 0:
             r.mask = drop_lowest_boundaries(r.prob, r.natural_mask, tail_drop)  # (B, L)
-        z, valid, idx = chunk(enc, r.mask, r.prob)                               # (B, Mmax, D), (B, Mmax) x2
+        z, valid, idx, counts = chunk(enc, r.mask, r.prob, return_counts=True)  # (B, Mmax, D), (B, Mmax) x2, B ints
         z = z + self.pos_embed(idx).to(z.dtype)                                  # (B, Mmax, D)
-        layout = TokenLayout.build(valid, self.packed)
+        layout = TokenLayout.build(valid, self.packed, counts)                   # no further host sync
         h = layout.pack(z)                                                       # (T, D) packed | (B, Mmax, D)
         collected, dyn = None, None
         if self.dydit:  # DyDiT's width gates read the timestep embedding alone (timestep-wise width)

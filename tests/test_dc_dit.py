@@ -190,3 +190,23 @@ def test_tail_drop_function_is_used_by_model():
     prob = torch.tensor([[1.0, 0.9, 0.6, 0.7, 1.0]])
     mask = prob > 0.5
     assert tail_drop(prob, mask, 0.5).tolist() == [[True, True, False, False, True]]
+
+
+def test_layout_from_host_counts_matches_the_mask():
+    from models.attention import TokenLayout
+    from models.chunking import chunk
+    mask = torch.zeros(3, 20, dtype=torch.bool)
+    mask[0, [0, 5, 19]] = True
+    mask[1, :] = True
+    mask[2, [0, 19]] = True
+    prob = torch.rand(3, 20)
+    z, valid, idx, counts = chunk(torch.randn(3, 20, 8), mask, prob, return_counts=True)
+    assert counts == [3, 20, 2]
+    layout = TokenLayout.build(valid, True, counts)
+    flat = valid.flatten().nonzero().squeeze(1)  # the reference: positions of real slots
+    assert torch.equal(layout.flat_idx, flat)
+    assert torch.equal(layout.batch_idx, flat // valid.shape[1])
+    assert layout.cu_seqlens.tolist() == [0, 3, 23, 25] and layout.seqlens == counts
+    rebuilt = TokenLayout.build(valid, True)  # counts read from the mask instead
+    assert torch.equal(rebuilt.flat_idx, layout.flat_idx) and torch.equal(rebuilt.cu_seqlens, layout.cu_seqlens)
+    torch.testing.assert_close(layout.unpack(layout.pack(z)), z * valid.unsqueeze(-1))
