@@ -77,7 +77,7 @@ def test_dcdit_at_full_L_equals_dit_patch1_blocks_plus_scaffold():
     dc = tiny_dcdit(attention="packed")
     dit = DiT(patch_size=1, **TINY)
     L = 64
-    x, t, y = torch.zeros(1, 4, 8, 8), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    x = torch.zeros(1, 4, 8, 8)
     c = torch.zeros(1, 64)
     enc = torch.zeros(1, L, 64)
     # DiT patch 1 without its patch embedding and final layer = t_embedder + the blocks on L tokens.

@@ -3,7 +3,6 @@ unhandled exception."""
 import argparse
 import string
 
-import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

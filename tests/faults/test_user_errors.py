@@ -1,5 +1,4 @@
 """Expected user errors end in one line naming the file/key and what was expected, exit code 2, no traceback."""
-import os
 
 import pytest
 import torch
