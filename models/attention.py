@@ -90,6 +90,16 @@ class TokenLayout:
         return v.unsqueeze(1)                                             # (B, 1, K)
 
 
+@torch.compiler.disable
+def _packed_attention_cpu(q, k, v, seqlens: list) -> torch.Tensor:
+    """The CPU packed path: each sample's slice through the fused SDPA kernel. Left out of torch.compile
+    (a graph break): Inductor cannot lower the backward of a loop over data-dependent slice lengths, and
+    the fused kernel is what it would call anyway."""
+    outs = [F.scaled_dot_product_attention(a.transpose(0, 1), b.transpose(0, 1), c.transpose(0, 1)).transpose(0, 1)
+            for a, b, c in zip(*(t.split(seqlens) for t in (q, k, v)))]  # each (M_b, H, Dh)
+    return torch.cat(outs)                                                # (T, H, Dh)
+
+
 def _packed_attention(q, k, v, layout: TokenLayout) -> torch.Tensor:
     """q, k, v (T, H, Dh) -> (T, H, Dh), each sample attending only to its own tokens."""
     m = layout.max_seqlen
@@ -99,9 +109,7 @@ def _packed_attention(q, k, v, layout: TokenLayout) -> torch.Tensor:
         if varlen_attn is not None:
             return varlen_attn(q, k, v, layout.cu_seqlens, layout.cu_seqlens, m, m)
     if not q.is_cuda:
-        outs = [F.scaled_dot_product_attention(a.transpose(0, 1), b.transpose(0, 1), c.transpose(0, 1)).transpose(0, 1)
-                for a, b, c in zip(*(t.split(layout.seqlens) for t in (q, k, v)))]  # each (M_b, H, Dh)
-        return torch.cat(outs)                                            # (T, H, Dh)
+        return _packed_attention_cpu(q, k, v, layout.seqlens)             # (T, H, Dh)
     offsets = layout.cu_seqlens.long()
     nq, nk, nv = (torch.nested.nested_tensor_from_jagged(t, offsets, max_seqlen=layout.max_seqlen)
                   .transpose(1, 2) for t in (q, k, v))                    # (B, H, j, Dh) jagged
