@@ -92,6 +92,18 @@ def plug_back_index(idx: Tensor, valid: Tensor, grid: Tuple[int, int]) -> Tensor
     return dist.argmin(dim=2)  # (B, L)
 
 
+@torch.no_grad()
+def _masked_kernel(idx: Tensor, valid: Tensor, grid: Tuple[int, int], sigma: float) -> Tensor:
+    """Gaussian kernel between the slots' grid positions, zero wherever either slot is padding:
+    (B, Mmax, Mmax) float32. Positions are integers, so it needs no gradient."""
+    pos = grid_coords(idx, grid)  # (B, Mmax, 2)
+    d_row = pos[:, :, None, 0] - pos[:, None, :, 0]  # (B, Mmax, Mmax)
+    d_col = pos[:, :, None, 1] - pos[:, None, :, 1]  # (B, Mmax, Mmax)
+    kernel = torch.exp((d_row * d_row + d_col * d_col) * (-0.5 / (sigma * sigma)))  # (B, Mmax, Mmax)
+    pair = valid.unsqueeze(2) & valid.unsqueeze(1)  # (B, Mmax, Mmax)
+    return kernel.masked_fill_(~pair, 0.0)  # (B, Mmax, Mmax)
+
+
 def dechunk(z: Tensor, prob: Tensor, idx: Tensor, valid: Tensor, grid: Tuple[int, int],
             sigma: float) -> Tensor:
     """De-chunking (§3.4): confidence-weighted Gaussian smoothing of kept tokens, then plug-back.
@@ -114,15 +126,11 @@ def dechunk(z: Tensor, prob: Tensor, idx: Tensor, valid: Tensor, grid: Tuple[int
         # Zero the padding so nothing there (even inf/nan) can reach a valid token through 0 * z.
         z = z.float().masked_fill(~valid.unsqueeze(-1), 0.0)  # (B, Mmax, D)
         p = prob.float().gather(1, idx).clamp(_P_MIN, 1.0 - _P_MIN)  # (B, Mmax)
-        pos = grid_coords(idx, grid)  # (B, Mmax, 2)
-        d_row = pos[:, :, None, 0] - pos[:, None, :, 0]  # (B, Mmax, Mmax)
-        d_col = pos[:, :, None, 1] - pos[:, None, :, 1]  # (B, Mmax, Mmax)
-        kernel = torch.exp(-(d_row * d_row + d_col * d_col) / (2.0 * sigma * sigma))  # (B, Mmax, Mmax)
-        pair = (valid.unsqueeze(2) & valid.unsqueeze(1)).float()  # (B, Mmax, Mmax)
-        weight = kernel * p.unsqueeze(1) * pair  # (B, Mmax, Mmax) W_ij
-        weight = weight / (weight.sum(-1, keepdim=True) + _NORM_EPS)  # (B, Mmax, Mmax)
-        smoothed = torch.bmm(weight, z)  # (B, Mmax, D)
+        kernel = _masked_kernel(idx, valid, grid, sigma)  # (B, Mmax, Mmax) K_ij valid_i valid_j, no grad
+        # W_ij = K_ij p_j factorises, so s = K (p z) / (K p): two batched matmuls, and autograd never
+        # keeps or differentiates an (Mmax, Mmax) weight tensor (p's gradient flows through p z and K p).
         p = p.unsqueeze(-1)  # (B, Mmax, 1)
+        smoothed = torch.bmm(kernel, p * z) / (torch.bmm(kernel, p) + _NORM_EPS)  # (B, Mmax, D)
         out = p * z + (1.0 - p) * smoothed  # (B, Mmax, D)
         slot = plug_back_index(idx, valid, grid)  # (B, L)
         return out.gather(1, slot.unsqueeze(-1).expand(B, slot.shape[1], D))  # (B, L, D)

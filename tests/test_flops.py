@@ -62,8 +62,9 @@ def test_dcdit_quadratic_fit_exact_on_a_fourth_point():
     a, b, c = dcdit_flops_coeffs(model)   # fits at M = 2, 16, 32; checks M = 64 internally
     for m in (5, 47):
         assert forward_flops(model, m) == a + b * m + c * m * m
-    # The quadratic term is attention (4 M^2 D per block) plus the de-chunking kernel product (2 M^2 D).
-    assert c == 4 * 64 * 2 + 2 * 64
+    # The quadratic term is attention (4 M^2 D per block) plus the de-chunking kernel products:
+    # K (p z) and K p, 2 M^2 D + 2 M^2.
+    assert c == 4 * 64 * 2 + 2 * (64 + 1)
 
 
 def test_flops_strictly_increase_with_kept_tokens():

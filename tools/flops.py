@@ -9,7 +9,7 @@ a conditional and an unconditional row per image.
 DC-DiT's cost depends on M, the tokens its inner blocks keep. For a fixed M every layer has a fixed
 shape, so the forward FLOPs per sample are exactly a + b M + c M^2: the encoder, router, residual
 path and decoder run on all L tokens (a), the inner blocks' linear layers are linear in M (b), and
-attention (QK^T and AV: 4 M^2 D per block) plus the de-chunking kernel product (2 M^2 D) are
+attention (QK^T and AV: 4 M^2 D per block) plus the de-chunking kernel products (2 M^2 (D + 1)) are
 quadratic (c). `dcdit_flops_coeffs` reads a, b, c off exact counts at three values of M and checks
 them on a fourth; `tflops_from_counts` then prices the per-step, per-row kept counts a sampling run
 actually produced (with Lite-CFG the cheaper unconditional rows are charged as run).
