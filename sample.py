@@ -24,6 +24,7 @@ from config import add_config_args, format_config, load_config, main_guard
 from data import to_uint8_images
 from diffusion import create_diffusion
 from models import create_model, is_dcdit
+from models.checkpoint_io import model_state, read_checkpoint
 
 # Random streams of one image: each gets its own generator so that using one never shifts another.
 NOISE_STREAM, UNCOND_NOISE_STREAM, LABEL_STREAM = 0, 1, 2
@@ -62,19 +63,12 @@ def load_model_for_sampling(args, ckpt_path: str, use_ema: bool = True, device="
     takes the model from --config. Sampling flags (add_sampling_args) are applied before --dry-run prints."""
     state, saved = None, None
     if ckpt_path:
-        if not os.path.isfile(ckpt_path):
-            raise SampleError(f"--ckpt {ckpt_path}: no such file; expected a training checkpoint or a DiT state dict")
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise SampleError(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0]}") from None
+        ckpt = read_checkpoint(ckpt_path, "--ckpt", SampleError, "a training checkpoint or a DiT state dict")
         if isinstance(ckpt, dict) and "config" in ckpt:
             saved = ckpt["config"]
-        if isinstance(ckpt, dict) and ("ema" in ckpt or "model" in ckpt):
-            state = ckpt["ema"] if (use_ema and "ema" in ckpt) else ckpt["model"]
-        else:
-            state = ckpt
+        state, which = model_state(ckpt, use_ema)
+        if state is None:
+            raise SampleError(f"--ckpt {ckpt_path}: {which}; expected a training checkpoint or a DiT state dict")
     cfg = load_config(args.config, args.overrides, base=saved)
     if hasattr(args, "tail_dropping_fraction"):
         apply_sampling_args(cfg, args)

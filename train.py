@@ -41,6 +41,7 @@ from config import add_config_args, config_from_args, config_to_dict, load_confi
 from data import build_dataset
 from diffusion import create_diffusion
 from models import create_model, is_dcdit
+from models.checkpoint_io import atomic_save, read_checkpoint
 from models.dydit import flops_loss, flops_ratio, load_dcdit_weights, read_dcdit_checkpoint
 from models.routing import compression_stats, ratio_loss
 from models.upcycle import (build_teacher, distillation_loss, freeze_embedders, load_dit_checkpoint,
@@ -101,21 +102,6 @@ def label_drop_ids(batch: int, prob: float, device) -> torch.Tensor:
     return (torch.rand(batch, device=device) < prob).long()
 
 
-def atomic_save(obj, path: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves half a checkpoint."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def latest_checkpoint(run_dir: str):
     ckpts = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]" * 7 + ".pt")))
     return ckpts[-1] if ckpts else None
@@ -134,10 +120,7 @@ def resolve_resume(resume: str) -> tuple:
 
 
 def load_checkpoint(path: str) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TrainError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    ckpt = read_checkpoint(path, "--resume", TrainError, "a training checkpoint of this repo")
     missing = {"model", "ema", "opt", "config", "step"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
     if missing:
         raise TrainError(f"checkpoint {path} is not a training checkpoint of this repo (missing {sorted(missing)})")

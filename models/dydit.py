@@ -31,7 +31,6 @@ tools/flops.py (2 per multiply-add of matmuls and attention products) from the g
 blocks with every gate on and no routers at the same kept-token count M (the DC-DiT DyDiT composes with);
 L_FLOPs = (mean_b F_dyn / F_static - lambda)^2, differentiable through the straight-through gates.
 """
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -43,6 +42,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .attention import TokenLayout, _packed_attention
+from .checkpoint_io import model_state, read_checkpoint
 from .dit import DiTBlock, modulate
 
 WIDTH_BIAS_INIT = 15.0   # DyDiT release: head/group router bias, sigmoid(15) ~ 1 - 3e-7, every width gate on
@@ -492,21 +492,12 @@ def read_dcdit_checkpoint(path: str, what: str = "dydit.init_checkpoint") -> Tup
     evaluates and so the DC-DiT DyDiT composes with), {"model": ...}, or a bare state dict.
     `what` names the setting in error messages.
     """
-    if not os.path.isfile(path):
-        raise DyDiTError(f"{what} {path}: no such file; expected a DC-DiT training checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DyDiTError(f"{what} {path}: cannot read it ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict):
-        return ckpt["ema"], "ema"
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
-        return ckpt["model"], "model"
-    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        return ckpt, "state dict"
-    raise DyDiTError(f"{what} {path}: expected a training checkpoint with 'ema'/'model' or a "
-                     f"state dict of tensors")
+    ckpt = read_checkpoint(path, what, DyDiTError, "a DC-DiT training checkpoint")
+    state, which = model_state(ckpt)
+    if state is None:
+        raise DyDiTError(f"{what} {path}: {which}; expected a training checkpoint with 'ema'/'model' or a "
+                         f"state dict of tensors")
+    return state, which
 
 
 def load_dcdit_weights(model: nn.Module, state: dict, path: str = "checkpoint") -> List[str]:

@@ -31,6 +31,7 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
+from .checkpoint_io import read_checkpoint
 from .dc_dit import DCDiT
 from .dit import DIT_SIZES, DiT
 
@@ -103,14 +104,8 @@ def load_dit_checkpoint(path: str) -> DiTCheckpoint:
     "ema" and/or "model" (this repo's, or DiT's own, whose argparse args are allowed through); the EMA
     weights are preferred, as DiT releases and samples with them.
     """
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UpcycleError(f"upcycle checkpoint {path}: no such file") from None
-    except Exception as e:
-        raise UpcycleError(f"upcycle checkpoint {path}: cannot read it with torch.load(weights_only=True): "
-                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    raw = read_checkpoint(path, "upcycle checkpoint", UpcycleError, "a DiT checkpoint",
+                          safe_globals=(argparse.Namespace,))
     if not isinstance(raw, dict):
         raise UpcycleError(f"upcycle checkpoint {path}: expected a state dict or a dict with 'ema'/'model', "
                            f"got {type(raw).__name__}")

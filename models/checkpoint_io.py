@@ -1,0 +1,58 @@
+"""Reading and writing checkpoints, shared by train.py, sample.py, upcycling and DyDiT fine-tuning.
+
+Every read goes through torch.load(weights_only=True) on the CPU (no pickled code runs), and a missing
+or unreadable file becomes one error of the caller's own class naming the setting and the path. Every
+write is atomic: a crash leaves the previous file or the new one, never half of one.
+"""
+import os
+from typing import Optional, Tuple, Type
+
+import torch
+
+
+def atomic_save(obj, path: str) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves half a checkpoint."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_checkpoint(path: str, what: str, error: Type[Exception], expected: str = "a checkpoint",
+                    safe_globals: tuple = ()):
+    """torch.load(path, weights_only=True) on the CPU; `error(...)` names `what` (a flag or config key) when the
+    file is missing or cannot be read. `safe_globals`: extra classes the file may hold (e.g. argparse.Namespace
+    in DiT's own training checkpoints)."""
+    if not os.path.isfile(path):
+        raise error(f"{what} {path}: no such file; expected {expected}")
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors of every kind: a truncated file, another format, ...
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise error(f"{what} {path}: cannot read it with torch.load(weights_only=True) "
+                    f"({type(e).__name__}: {first})") from None
+
+
+def model_state(ckpt, use_ema: bool = True) -> Tuple[Optional[dict], str]:
+    """The weights in a loaded checkpoint -> (state dict, which: "ema" | "model" | "state dict").
+
+    A training checkpoint holds "ema" and/or "model" (the EMA is preferred unless use_ema=False: papers
+    evaluate it); anything else that is a dict of tensors is a bare state dict. (None, reason) otherwise.
+    """
+    if not isinstance(ckpt, dict):
+        return None, f"a {type(ckpt).__name__}, not a dict"
+    order = ("ema", "model") if use_ema else ("model",)
+    for key in order:
+        if isinstance(ckpt.get(key), dict):
+            return ckpt[key], key
+    if ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        return ckpt, "state dict"
+    return None, "neither 'ema'/'model' nor a state dict of tensors"
