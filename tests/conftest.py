@@ -49,3 +49,15 @@ def only_run(results):
     runs = sorted(glob.glob(os.path.join(str(results), "*")))
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def json_numbers(tree, path=""):
+    """Every int/float leaf of a JSON tree as (path, value), for "all numbers are finite" checks."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from json_numbers(v, f"{path}/{k}")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from json_numbers(v, f"{path}/{i}")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield path, tree

@@ -12,19 +12,10 @@ import torch.nn as nn
 
 from models.routing import RouterOutput
 from tools import bench
+from conftest import json_numbers
 from tools.flops import forced_kept
 
 
-def numbers(tree, path=""):
-    """Every int/float leaf of a JSON tree as (path, value)."""
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from numbers(v, f"{path}/{k}")
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            yield from numbers(v, f"{path}/{i}")
-    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        yield path, tree
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +32,7 @@ def test_tiny_run_measures_every_default_section(tiny_run):
     run, stdout = tiny_run
     res = run["results"]["tiny"]["2"]
     assert set(res) == {"train", "sample", "shares", "packed", "memory"}  # compile only with --compile on CPU
-    bad = [(p, v) for p, v in numbers(run) if not math.isfinite(v)]
+    bad = [(p, v) for p, v in json_numbers(run) if not math.isfinite(v)]
     assert not bad, bad
 
     train = res["train"]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from config import load_config
+from conftest import json_numbers
 from tools import reproduce
 from tools.flops import build_model, count_params, forward_flops
 
@@ -17,15 +18,6 @@ SECTIONS = ("## Setup", "## Claims", "## Table 1 in miniature", "## Where the bo
 FIGURES = ("samples.png", "boundary_maps.png", "enrichment.png", "compression_vs_t.png", "tail_drop.png")
 
 
-def _finite_numbers(obj, path="results"):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _finite_numbers(v, f"{path}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _finite_numbers(v, f"{path}[{i}]")
-    elif isinstance(obj, float):
-        yield path, obj
 
 
 def test_quick_run_writes_every_section(tmp_path, monkeypatch):
@@ -40,7 +32,7 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["models"]) == {"dcdit", "random", "isoparam", "isoflop"}
     assert [r["f"] for r in saved["tail_drop"]] == list(reproduce.FRACTIONS)
-    for path, value in _finite_numbers({k: v for k, v in saved.items() if k not in ("enrichment",)}):
+    for path, value in json_numbers({k: v for k, v in saved.items() if k != "enrichment"}):
         assert math.isfinite(value), path
     for key in ("dcdit", "random", "isoparam", "isoflop"):
         m = saved["models"][key]
