@@ -132,8 +132,11 @@ class Attention(nn.Module):
         H = self.num_heads
         if layout is not None and layout.packed:
             T, D = x.shape
-            # Contiguous q/k/v: jagged SDPA rejects strided views on some builds (it probes CUDA kernels).
-            q, k, v = self.qkv(x).view(T, 3, H, D // H).transpose(0, 1).contiguous().unbind(0)  # 3 x (T, H, Dh)
+            qkv = self.qkv(x).view(T, 3, H, D // H)                       # (T, 3, H, Dh)
+            if x.is_cuda:  # contiguous q/k/v: jagged SDPA rejects strided views on some builds (it probes kernels)
+                q, k, v = qkv.transpose(0, 1).contiguous().unbind(0)      # 3 x (T, H, Dh)
+            else:  # CPU SDPA takes the strided per-sample views as they are: the copy cost 5% of a B step
+                q, k, v = qkv.unbind(1)                                   # 3 x (T, H, Dh) views
             out = _packed_attention(q, k, v, layout).reshape(T, D)        # (T, D)
             return self.proj(out)
         B, N, D = x.shape
