@@ -158,3 +158,13 @@ def test_benchmarks_run_and_print_their_tables():
     assert "keeps its top 16 = L/N" in elastic
     last = elastic.strip().splitlines()[-2].split()  # the f = 0.5 row
     assert last[0] == "0.50" and float(last[1]) < 16.0  # tail dropping really removed tokens
+
+
+@pytest.mark.parametrize("script", ["bench_elastic", "bench_dydit"])
+def test_step_benchmarks_reject_counts_they_cannot_time(script, capsys):
+    import importlib
+    bench = importlib.import_module(f"tools.{script}")
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--tiny", "--repeats", "0"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: --batch and --repeats must be >= 1") and "0" in err

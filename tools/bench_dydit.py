@@ -41,15 +41,11 @@ from config import add_config_args, config_from_args, load_config, main_guard  #
 from models import create_model  # noqa: E402
 from models.dydit import (block_flops, dydit_blocks, dydit_execution, fix_gates, load_dcdit_weights,  # noqa: E402
                           read_dcdit_checkpoint, static_block_flops)
-from tools.bench_elastic import step_inputs  # noqa: E402
+from tools.bench_elastic import add_timing_args, resolve_timing_args, step_inputs  # noqa: E402
 from tools.flops import dcdit_flops_coeffs, dydit_dims, dydit_info_row_flops, forced_kept  # noqa: E402
 
 DEFAULT_CONFIG = "configs/DCDiT-B-N4-DyDiT.yaml"
 TINY_CONFIG = "configs/tiny/test-dydit.yaml"
-
-
-class BenchError(ValueError):
-    user_error = True  # main_guard prints one line
 
 
 def width_for_ratio(dims, depth: int, kept: int, target: float) -> int:
@@ -75,18 +71,10 @@ def main_impl(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_args(parser)
     parser.add_argument("--ckpt", default="", help="a DyDiT or DC-DiT training checkpoint (EMA weights)")
-    parser.add_argument("--batch", type=int, default=1, help="images per step (2x rows with CFG)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    add_timing_args(parser, batch=1, tiny_config=TINY_CONFIG)
     parser.add_argument("--target", type=float, default=None, help="lambda (default: the config's dydit.target_ratio)")
-    parser.add_argument("--tiny", action="store_true", help=f"use {TINY_CONFIG} (seconds)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.config is None:
-        args.config = os.path.join(ROOT, TINY_CONFIG if args.tiny else DEFAULT_CONFIG)
-    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
-        raise BenchError(f"--batch and --repeats must be >= 1 and --warmup >= 0, got {args.batch}, "
-                         f"{args.repeats}, {args.warmup}")
+    resolve_timing_args(args, DEFAULT_CONFIG, TINY_CONFIG)
     cfg = config_from_args(args)
     if not cfg.dydit.enabled:
         cfg = load_config(args.config, list(args.overrides) + ["dydit.enabled=true"])

@@ -43,6 +43,24 @@ class BenchError(ValueError):
     user_error = True  # main_guard prints one line
 
 
+def add_timing_args(parser: argparse.ArgumentParser, batch: int, tiny_config: str) -> None:
+    """The flags every single-config step benchmark shares (this one and tools/bench_dydit.py)."""
+    parser.add_argument("--batch", type=int, default=batch, help="images per step (2x rows with CFG)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--tiny", action="store_true", help=f"use {tiny_config} (seconds)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_timing_args(args: argparse.Namespace, default_config: str, tiny_config: str) -> None:
+    """--config from --tiny when none is given; a one-line BenchError for counts that cannot be timed."""
+    if args.config is None:
+        args.config = os.path.join(ROOT, tiny_config if args.tiny else default_config)
+    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
+        raise BenchError(f"--batch and --repeats must be >= 1 and --warmup >= 0, got {args.batch}, "
+                         f"{args.repeats}, {args.warmup}")
+
+
 def step_inputs(model: DCDiT, batch: int, device):
     """[z; z] latents, [labels; null class] and a mid-range timestep: one CFG sampling step's rows."""
     g = torch.Generator().manual_seed(0)
@@ -60,19 +78,11 @@ def main_impl(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_args(parser)
     parser.add_argument("--ckpt", default="", help="a DC-DiT training checkpoint (EMA weights are used)")
-    parser.add_argument("--batch", type=int, default=8, help="images per step (2x rows with CFG)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    add_timing_args(parser, batch=8, tiny_config=TINY_CONFIG)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.3, 0.6, 0.9])
     parser.add_argument("--cfg-scale", type=float, default=4.0)
-    parser.add_argument("--tiny", action="store_true", help=f"use {TINY_CONFIG} (seconds)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.config is None:
-        args.config = os.path.join(ROOT, TINY_CONFIG if args.tiny else DEFAULT_CONFIG)
-    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
-        raise BenchError(f"--batch and --repeats must be >= 1 and --warmup >= 0, got {args.batch}, "
-                         f"{args.repeats}, {args.warmup}")
+    resolve_timing_args(args, DEFAULT_CONFIG, TINY_CONFIG)
     if 0.0 not in args.fractions or not all(0.0 <= f < 1.0 for f in args.fractions):
         raise BenchError(f"--fractions must lie in [0, 1) and include 0 (the reference), got {args.fractions}")
     device = torch.device(args.device)
