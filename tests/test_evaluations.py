@@ -378,3 +378,12 @@ def test_make_reference_digits_source_is_uint8_rgb_of_the_bundled_digits():
     np.testing.assert_array_equal(source.images[17, :, :, 1], np.round((pixels.numpy() + 1) * 127.5).astype(np.uint8))
     with pytest.raises(ImageInputError, match="neither a folder of PNGs nor a dataset name"):
         reference_source("cifar10")
+
+
+@pytest.mark.parametrize("script", ["evaluate", "make_reference"])
+def test_scripts_reject_a_batch_size_they_cannot_use(script, capsys):
+    import importlib
+    module = importlib.import_module(f"evaluations.{script}")
+    with pytest.raises(SystemExit) as exc:
+        module.parse_args(["a", "b", "--batch-size", "0"])
+    assert exc.value.code == 2 and "--batch-size 0: expected a positive integer" in capsys.readouterr().err
