@@ -258,31 +258,34 @@ def _plt():
     return plt
 
 
-def plot_compression(series: dict, dit_ratio: float, path: str) -> None:
+def _timestep_figure(path: str, ylabel: str, reference: float, reference_label: str, draw) -> None:
+    """A per-timestep line figure: `draw(ax)` adds the series, then a dotted reference line and labels."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.4), layout="constrained")
-    for label, s in series.items():
-        line, = ax.plot(s["t"], s["mean"], label=f"{label} (mean)")
-        ax.fill_between(s["t"], s["p10"], s["p90"], color=line.get_color(), alpha=0.2, label=f"{label} (10-90%)")
-    ax.axhline(dit_ratio, color="k", ls=":", label=f"DiT/2 (fixed {dit_ratio:g}x)")
+    draw(ax)
+    ax.axhline(reference, color="k", ls=":", label=reference_label)
     ax.set_xlabel("diffusion timestep t (999 = noise)")
-    ax.set_ylabel("compression L / M")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_compression(series: dict, dit_ratio: float, path: str) -> None:
+    def draw(ax):
+        for label, s in series.items():
+            line, = ax.plot(s["t"], s["mean"], label=f"{label} (mean)")
+            ax.fill_between(s["t"], s["p10"], s["p90"], color=line.get_color(), alpha=0.2, label=f"{label} (10-90%)")
+
+    _timestep_figure(path, "compression L / M", dit_ratio, f"DiT/2 (fixed {dit_ratio:g}x)", draw)
 
 
 def plot_enrichment(series: dict, path: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.2), layout="constrained")
-    for label, s in series.items():
-        ax.plot(s["t"], s["enrichment"], label=label)
-    ax.axhline(1.0, color="k", ls=":", label="no preference")
-    ax.set_xlabel("diffusion timestep t")
-    ax.set_ylabel("P(kept | stroke) / P(kept | background)")
-    ax.legend(fontsize=7)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    def draw(ax):
+        for label, s in series.items():
+            ax.plot(s["t"], s["enrichment"], label=label)
+
+    _timestep_figure(path, "P(kept | stroke) / P(kept | background)", 1.0, "no preference", draw)
 
 
 def plot_tail_drop(rows: list, path: str) -> None:
