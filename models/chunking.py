@@ -16,6 +16,11 @@ from torch import Tensor
 
 _P_MIN = 1e-4  # p clamp of §3.4 (authors' release): keeps (1 - p) and the kernel weights non-zero
 _NORM_EPS = 1e-8  # guard of the kernel normalisation (authors' release)
+# Kernel weights below exp(-69) ~ 1e-30 are set to exactly 0. Against the self weight K_ii p_i >= 1e-4 of every
+# normaliser they are 1e-26 relative, far below float32 (and float64) resolution, so no result changes; left in,
+# weights under 1.2e-38 are denormal floats, which x86 multiplies ~13x slower (the smoothing bmm at B, M = 256
+# took 6.8 ms instead of 0.52 ms with 5% of the kernel denormal).
+_KERNEL_LOG_FLOOR = -69.0
 
 
 def grid_coords(idx: Tensor, grid: Tuple[int, int]) -> Tensor:
@@ -25,6 +30,19 @@ def grid_coords(idx: Tensor, grid: Tuple[int, int]) -> Tensor:
     """
     W = int(grid[1])
     return torch.stack([torch.div(idx, W, rounding_mode="floor"), idx % W], dim=-1).float()
+
+
+def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """out[b, i] = x[b, idx[b, i]]: x (B, N, D), idx (B, K) long -> (B, K, D).
+
+    One row lookup per index over the flattened batch (index_select), not gather's lookup per element:
+    its backward is a row-wise index_add. Measured at B = 2, D = 768, fwd + bwd: plug-back (256 -> 1024
+    rows) 0.58 ms vs 2.07 ms with gather, chunking (1024 -> 256 rows) 0.68 ms vs 1.18 ms.
+    """
+    B, N, D = x.shape
+    offsets = torch.arange(B, device=idx.device).unsqueeze(1) * N  # (B, 1)
+    flat = x.reshape(B * N, D).index_select(0, (idx + offsets).reshape(-1))  # (B*K, D)
+    return flat.view(B, idx.shape[1], D)  # (B, K, D)
 
 
 def chunk(x: Tensor, mask: Tensor, prob: Tensor, return_counts: bool = False):
@@ -70,7 +88,7 @@ def chunk(x: Tensor, mask: Tensor, prob: Tensor, return_counts: bool = False):
         rank = (slots.unsqueeze(0) - count.unsqueeze(1)).clamp(0, n_pad - 1)  # (B, Mmax)
         idx = torch.where(valid, idx, pad_pos.gather(1, rank))  # (B, Mmax)
 
-    z = x.gather(1, idx.unsqueeze(-1).expand(B, m_max, D))  # (B, Mmax, D)
+    z = gather_rows(x, idx)  # (B, Mmax, D)
     return (z, valid, idx, counts) if return_counts else (z, valid, idx)
 
 
@@ -94,14 +112,15 @@ def plug_back_index(idx: Tensor, valid: Tensor, grid: Tuple[int, int]) -> Tensor
 
 @torch.no_grad()
 def _masked_kernel(idx: Tensor, valid: Tensor, grid: Tuple[int, int], sigma: float) -> Tensor:
-    """Gaussian kernel between the slots' grid positions, zero wherever either slot is padding:
-    (B, Mmax, Mmax) float32. Positions are integers, so it needs no gradient."""
+    """Gaussian kernel between the slots' grid positions, zero wherever either slot is padding or the
+    weight is below exp(_KERNEL_LOG_FLOOR): (B, Mmax, Mmax) float32. Positions are integers, so it needs
+    no gradient."""
     pos = grid_coords(idx, grid)  # (B, Mmax, 2)
     d_row = pos[:, :, None, 0] - pos[:, None, :, 0]  # (B, Mmax, Mmax)
     d_col = pos[:, :, None, 1] - pos[:, None, :, 1]  # (B, Mmax, Mmax)
-    kernel = torch.exp((d_row * d_row + d_col * d_col) * (-0.5 / (sigma * sigma)))  # (B, Mmax, Mmax)
-    pair = valid.unsqueeze(2) & valid.unsqueeze(1)  # (B, Mmax, Mmax)
-    return kernel.masked_fill_(~pair, 0.0)  # (B, Mmax, Mmax)
+    log_k = (d_row * d_row + d_col * d_col) * (-0.5 / (sigma * sigma))  # (B, Mmax, Mmax)
+    keep = (log_k >= _KERNEL_LOG_FLOOR) & valid.unsqueeze(2) & valid.unsqueeze(1)  # (B, Mmax, Mmax)
+    return torch.exp(log_k.masked_fill_(~keep, float("-inf")))  # (B, Mmax, Mmax), exp(-inf) = 0
 
 
 def dechunk(z: Tensor, prob: Tensor, idx: Tensor, valid: Tensor, grid: Tuple[int, int],
@@ -133,4 +152,4 @@ def dechunk(z: Tensor, prob: Tensor, idx: Tensor, valid: Tensor, grid: Tuple[int
         smoothed = torch.bmm(kernel, p * z) / (torch.bmm(kernel, p) + _NORM_EPS)  # (B, Mmax, D)
         out = p * z + (1.0 - p) * smoothed  # (B, Mmax, D)
         slot = plug_back_index(idx, valid, grid)  # (B, L)
-        return out.gather(1, slot.unsqueeze(-1).expand(B, slot.shape[1], D))  # (B, L, D)
+        return gather_rows(out, slot)  # (B, L, D)

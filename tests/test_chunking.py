@@ -6,7 +6,7 @@ import time
 import torch
 from torch.overrides import TorchFunctionMode
 
-from models.chunking import chunk, dechunk, grid_coords, plug_back_index
+from models.chunking import _masked_kernel, chunk, dechunk, gather_rows, grid_coords, plug_back_index
 
 
 def _random_case(B, H, W, D, keep=0.3, seed=0):
@@ -215,3 +215,48 @@ def test_no_quadratic_memory_at_128x128():
     # An (L, L) intermediate would hold 268M elements; allow only O(B * L * max(Mmax, D)).
     assert probe.largest <= B * L * max(8, D), probe.largest
     assert elapsed < 2.0, elapsed
+
+
+def test_kernel_floor_removes_denormals_and_changes_no_result():
+    """Far pairs (weight < exp(-69)) are exact zeros, not denormals (13x slower matmuls on x86); the
+    smoothing equals the one with the unfloored fp32 kernel bit for bit, and a float64 reference."""
+    H, W, D, sigma = 24, 24, 8, 1.0
+    x, mask, prob = _random_case(2, H, W, D, keep=0.3, seed=5)
+    z, valid, idx = chunk(x, mask, prob)
+    z = torch.randn_like(z)
+    kernel = _masked_kernel(idx, valid, (H, W), sigma)
+    tiny = torch.finfo(torch.float32).tiny
+    assert not ((kernel > 0) & (kernel < tiny)).any()
+    pos = grid_coords(idx, (H, W))  # (B, Mmax, 2)
+    d2 = ((pos[:, :, None] - pos[:, None]) ** 2).sum(-1)  # (B, Mmax, Mmax)
+    pair = valid[:, :, None] & valid[:, None]
+    full = torch.exp(-d2 / (2 * sigma ** 2)) * pair  # unfloored: holds denormals
+    assert ((full > 0) & (full < tiny)).any()  # the case really has far pairs to floor
+    assert torch.equal(kernel == 0, (d2 > 138) | ~pair)
+
+    p = prob.gather(1, idx).clamp(1e-4, 1 - 1e-4).unsqueeze(-1)  # (B, Mmax, 1)
+    zm = z.masked_fill(~valid.unsqueeze(-1), 0.0)
+
+    slot = plug_back_index(idx, valid, (H, W)).unsqueeze(-1).expand(-1, -1, D)  # (B, L, D)
+
+    def smooth_and_plug(k, p, zm):  # dechunk's formula with a given kernel
+        s = torch.bmm(k, p * zm) / (torch.bmm(k, p) + 1e-8)
+        return (p * zm + (1 - p) * s).gather(1, slot)
+
+    out = dechunk(z, prob, idx, valid, (H, W), sigma)
+    assert torch.equal(out, smooth_and_plug(full, p, zm))
+    ref = smooth_and_plug(torch.exp(-d2.double() / (2 * sigma ** 2)) * pair, p.double(), zm.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_gather_rows_matches_gather_forward_and_backward():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 10, 5, generator=g, requires_grad=True)
+    idx = torch.randint(0, 10, (3, 7), generator=g)  # repeats: the backward must sum them
+    out = gather_rows(x, idx)
+    ref = x.gather(1, idx.unsqueeze(-1).expand(3, 7, 5))
+    assert torch.equal(out, ref)
+    grad = torch.randn(3, 7, 5, generator=g)
+    (gx,) = torch.autograd.grad(out, x, grad)
+    (rx,) = torch.autograd.grad(ref, x, grad)
+    torch.testing.assert_close(gx, rx)
