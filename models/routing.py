@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+_NORMALIZE_EPS = 1e-12  # F.normalize's default: a zero vector has cosine 0 with everything
+
+
 @dataclass
 class RouterOutput:
     prob: Tensor          # (B, L) float32 boundary probability p; first/last raster tokens are 1
@@ -90,13 +93,19 @@ class CosineRouter(nn.Module):
         H, W = _check_grid(x, grid)
         B, L, D = x.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float()  # (B, L, D)
-            q = F.normalize(F.linear(x, self.q_proj.weight.float()), dim=-1)  # (B, L, D)
-            k = F.normalize(F.linear(x, self.k_proj.weight.float()), dim=-1)  # (B, L, D)
-            k = k.transpose(1, 2).reshape(B, D, H, W)  # (B, D, H, W)
+            # q and k in one matmul (one GEMM and no gradient sum for x in the backward pass).
+            w = torch.cat([self.q_proj.weight, self.k_proj.weight]).float()  # (2D, D)
+            q, k = F.linear(x.float(), w).chunk(2, dim=-1)  # 2 x (B, L, D)
+            k = F.normalize(k, dim=-1)  # (B, L, D)
+            # The (B, L, D) tokens are a channels-last (B, D, H, W) image as they are: no transposed copies,
+            # and the conv's channels-last output reads back as a contiguous (B, L, D).
+            k = k.view(B, H, W, D).permute(0, 3, 1, 2)  # (B, D, H, W) channels-last view
             k_bar = F.conv2d(k, self.k_avg.weight.float(), padding=1, groups=D)  # (B, D, H, W)
-            k_bar = F.normalize(k_bar.reshape(B, D, L).transpose(1, 2), dim=-1)  # (B, L, D)
-            s = (q * k_bar).sum(-1)  # (B, L)
+            k_bar = k_bar.permute(0, 2, 3, 1).reshape(B, L, D)  # (B, L, D)
+            # <q / |q|, k_bar / |k_bar|> from norms, without normalised (B, L, D) copies (F.normalize's eps).
+            norms = (torch.linalg.vector_norm(q, dim=-1).clamp_min(_NORMALIZE_EPS)
+                     * torch.linalg.vector_norm(k_bar, dim=-1).clamp_min(_NORMALIZE_EPS))  # (B, L)
+            s = torch.linalg.vecdot(q, k_bar) / norms  # (B, L)
             prob = ((1.0 - s) / 2.0).clamp(0.0, 1.0)  # (B, L)
             return _finish_routing(prob)
 

@@ -243,3 +243,35 @@ def test_compression_stats():
     assert math.isclose(stats["compression_geomean"].item(), 4.0, rel_tol=1e-6)
     assert stats["compression_min"].item() == 2.0 and stats["compression_max"].item() == 8.0
     assert math.isclose(stats["compression_std"].item(), torch.tensor([8.0, 4, 2]).std(correction=0).item())
+
+
+def test_cosine_router_matches_the_normalised_formula():
+    """The router computes <q/|q|, k_bar/|k_bar|> from norms, with q and k in one matmul and the conv on a
+    channels-last view; it must equal §3.3's formula written out, in value and in every gradient."""
+    torch.manual_seed(0)
+    H, W, D = 4, 5, 8
+    router = CosineRouter(D)
+    with torch.no_grad():
+        for w in (router.q_proj.weight, router.k_proj.weight, router.k_avg.weight):
+            w.add_(torch.randn_like(w) * 0.3)
+    x = torch.randn(2, H * W, D, requires_grad=True)
+    weight = torch.randn(2, H * W)
+
+    def literal(x):
+        q = torch.nn.functional.normalize(x @ router.q_proj.weight.T, dim=-1)
+        k = torch.nn.functional.normalize(x @ router.k_proj.weight.T, dim=-1)
+        k_img = k.transpose(1, 2).reshape(2, D, H, W).contiguous()
+        k_bar = torch.nn.functional.conv2d(k_img, router.k_avg.weight, padding=1, groups=D)
+        k_bar = torch.nn.functional.normalize(k_bar.flatten(2).transpose(1, 2), dim=-1)
+        prob = ((1 - (q * k_bar).sum(-1)) / 2).clamp(0, 1)
+        prob[:, 0] = 1.0
+        prob[:, -1] = 1.0
+        return prob
+
+    params = [x] + list(router.parameters())
+    got = router(x, (H, W)).prob
+    ref = literal(x)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    for g, r in zip(torch.autograd.grad((got * weight).sum(), params),
+                    torch.autograd.grad((ref * weight).sum(), params)):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
