@@ -23,20 +23,26 @@ from .routing import tail_drop as drop_lowest_boundaries
 Fraction = Union[float, torch.Tensor]
 
 
-class _STE(torch.autograd.Function):
-    """Straight-through estimator (H-Net): ones in the forward pass, identity gradient."""
+class _GateSTE(torch.autograd.Function):
+    """u * STE(selected) (§3.1, H-Net) without the multiply: the gate is 1 in the forward pass, so the
+    output is u itself; backward passes u's gradient through unchanged and gives `selected` the gradient
+    of u * selected, the per-token dot product <grad, u>."""
 
     @staticmethod
-    def forward(ctx, x):
-        return torch.ones_like(x)
+    def forward(ctx, u, selected):
+        ctx.save_for_backward(u)
+        ctx.selected_dtype = selected.dtype
+        return u.view_as(u)  # (B, L, D)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        u, = ctx.saved_tensors
+        return grad, torch.linalg.vecdot(grad, u).to(ctx.selected_dtype)  # (B, L, D), (B, L)
 
 
-def ste(x: torch.Tensor) -> torch.Tensor:
-    return _STE.apply(x)
+def ste_gate(u: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """u (B, L, D) times the straight-through gate of selected (B, L): value u, gradient to selected."""
+    return _GateSTE.apply(u, selected)
 
 
 @dataclass
@@ -147,7 +153,7 @@ class DCDiT(nn.Module):
             h = run_blocks(self.blocks, h, c, layout, self.grad_checkpointing)  # same shape
         z = layout.unpack(h)                                                     # (B, Mmax, D)
         u = dechunk(z, r.prob, idx, valid, self.grid, self.dechunk_sigma)       # (B, L, D) fp32
-        u = u.to(enc.dtype) * ste(r.selected).unsqueeze(-1).to(enc.dtype)      # (B, L, D)
+        u = ste_gate(u, r.selected).to(enc.dtype)                                # (B, L, D)
         u = u + self.residual_proj(enc)                                          # (B, L, D)
         h = self.decoder(u, c, self.grid)                                        # (B, L, E)
         h = self.final_layer(h, c)                                               # (B, L, out)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from diffusion import create_diffusion
-from models.dc_dit import DCDiT, DCDiT_models
+from models.dc_dit import DCDiT, DCDiT_models, ste_gate
 from models.routing import tail_drop
 
 
@@ -210,3 +210,19 @@ def test_layout_from_host_counts_matches_the_mask():
     rebuilt = TokenLayout.build(valid, True)  # counts read from the mask instead
     assert torch.equal(rebuilt.flat_idx, layout.flat_idx) and torch.equal(rebuilt.cu_seqlens, layout.cu_seqlens)
     torch.testing.assert_close(layout.unpack(layout.pack(z)), z * valid.unsqueeze(-1))
+
+
+def test_ste_gate_is_identity_forward_and_product_gradient():
+    """ste_gate(u, s) = u in value; gradients as u * s evaluated at s = 1: grad to u unchanged, grad to s
+    the per-token <grad, u>."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 6, 4, generator=g, requires_grad=True)
+    s = torch.rand(2, 6, generator=g, requires_grad=True)
+    out = ste_gate(u, s)
+    assert torch.equal(out, u)
+    grad = torch.randn(2, 6, 4, generator=g)
+    gu, gs = torch.autograd.grad(out, (u, s), grad)
+    assert torch.equal(gu, grad)
+    ones = torch.ones(2, 6, requires_grad=True)
+    (ref,) = torch.autograd.grad(u * ones.unsqueeze(-1), ones, grad)
+    torch.testing.assert_close(gs, ref)

@@ -49,7 +49,7 @@ from diffusion import create_diffusion  # noqa: E402
 from models import DCDiT, create_model  # noqa: E402
 from models.attention import TokenLayout  # noqa: E402
 from models.chunking import chunk, dechunk  # noqa: E402
-from models.dc_dit import ste  # noqa: E402
+from models.dc_dit import ste_gate  # noqa: E402
 from models.dit import run_blocks  # noqa: E402
 from models.routing import RouterOutput, ratio_loss  # noqa: E402
 from tools.bench_model import RATIO_LOSS_WEIGHT, sync, timed  # noqa: E402
@@ -342,7 +342,7 @@ def dechunk_stage(dc: DCDiT, h, layout, prob, selected, idx, valid, dtype):
     """unpack + dechunk (smoothing, plug-back) + the straight-through gate."""
     z = layout.unpack(h)                                                           # (B, Mmax, D)
     u = dechunk(z, prob, idx, valid, dc.grid, dc.dechunk_sigma)                    # (B, L, D) fp32
-    return u.to(dtype) * ste(selected).unsqueeze(-1).to(dtype)                     # (B, L, D)
+    return ste_gate(u, selected).to(dtype)                                          # (B, L, D)
 
 
 def decoder_stage(dc: DCDiT, u, enc, c):
