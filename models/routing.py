@@ -65,6 +65,53 @@ def _finish_routing(prob: Tensor) -> RouterOutput:
     return RouterOutput(prob=prob, mask=natural_mask, natural_mask=natural_mask, selected=selected)
 
 
+def _safe_norm(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """max(|x|, eps) over the last dim and whether the clamp was inactive (the norm's gradient flows)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (..., 1)
+    return norm.clamp_min(_NORMALIZE_EPS), norm >= _NORMALIZE_EPS
+
+
+class _Normalize(torch.autograd.Function):
+    """F.normalize(x, dim=-1) with a hand-written backward: (g - x_hat <g, x_hat>) / |x| in two passes
+    over (B, L, D) instead of autograd's chain through the division and the norm."""
+
+    @staticmethod
+    def forward(ctx, x):
+        norm, live = _safe_norm(x)  # (..., 1) x2
+        x_hat = x / norm  # (..., D)
+        ctx.save_for_backward(x_hat, norm, live)
+        return x_hat
+
+    @staticmethod
+    def backward(ctx, g):
+        x_hat, norm, live = ctx.saved_tensors
+        radial = torch.linalg.vecdot(g, x_hat).unsqueeze(-1) * live  # (..., 1), 0 where the clamp held
+        return torch.addcmul(g, x_hat, radial, value=-1.0).div_(norm)  # (..., D)
+
+
+class _Cosine(torch.autograd.Function):
+    """<q / |q|, k / |k|> over the last dim (F.normalize's eps) from the norms, without normalised copies;
+    hand-written backward, two passes per input: dq = g / (|q||k|) k - g s / |q|^2 q, and symmetrically."""
+
+    @staticmethod
+    def forward(ctx, q, k):
+        q_norm, q_live = _safe_norm(q)  # (..., 1) x2
+        k_norm, k_live = _safe_norm(k)  # (..., 1) x2
+        s = torch.linalg.vecdot(q, k).unsqueeze(-1) / (q_norm * k_norm)  # (..., 1)
+        ctx.save_for_backward(q, k, q_norm, k_norm, q_live, k_live, s)
+        return s.squeeze(-1)  # (...)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, q_norm, k_norm, q_live, k_live, s = ctx.saved_tensors
+        g = g.unsqueeze(-1)  # (..., 1)
+        cross = g / (q_norm * k_norm)  # (..., 1)
+        gs = g * s  # (..., 1)
+        dq = torch.addcmul(cross * k, q, gs * q_live / (q_norm * q_norm), value=-1.0)  # (..., D)
+        dk = torch.addcmul(cross * q, k, gs * k_live / (k_norm * k_norm), value=-1.0)  # (..., D)
+        return dq, dk
+
+
 class CosineRouter(nn.Module):
     """The paper's router (§3.3): p_i = (1 - <q_i, k_bar_i>) / 2.
 
@@ -96,16 +143,13 @@ class CosineRouter(nn.Module):
             # q and k in one matmul (one GEMM and no gradient sum for x in the backward pass).
             w = torch.cat([self.q_proj.weight, self.k_proj.weight]).float()  # (2D, D)
             q, k = F.linear(x.float(), w).chunk(2, dim=-1)  # 2 x (B, L, D)
-            k = F.normalize(k, dim=-1)  # (B, L, D)
+            k = _Normalize.apply(k)  # (B, L, D)
             # The (B, L, D) tokens are a channels-last (B, D, H, W) image as they are: no transposed copies,
             # and the conv's channels-last output reads back as a contiguous (B, L, D).
             k = k.view(B, H, W, D).permute(0, 3, 1, 2)  # (B, D, H, W) channels-last view
             k_bar = F.conv2d(k, self.k_avg.weight.float(), padding=1, groups=D)  # (B, D, H, W)
             k_bar = k_bar.permute(0, 2, 3, 1).reshape(B, L, D)  # (B, L, D)
-            # <q / |q|, k_bar / |k_bar|> from norms, without normalised (B, L, D) copies (F.normalize's eps).
-            norms = (torch.linalg.vector_norm(q, dim=-1).clamp_min(_NORMALIZE_EPS)
-                     * torch.linalg.vector_norm(k_bar, dim=-1).clamp_min(_NORMALIZE_EPS))  # (B, L)
-            s = torch.linalg.vecdot(q, k_bar) / norms  # (B, L)
+            s = _Cosine.apply(q, k_bar)  # (B, L)
             prob = ((1.0 - s) / 2.0).clamp(0.0, 1.0)  # (B, L)
             return _finish_routing(prob)
 

@@ -275,3 +275,26 @@ def test_cosine_router_matches_the_normalised_formula():
     for g, r in zip(torch.autograd.grad((got * weight).sum(), params),
                     torch.autograd.grad((ref * weight).sum(), params)):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+def test_router_hand_written_backwards_pass_gradcheck():
+    """_Normalize and _Cosine against finite differences in float64, and against F.normalize's own
+    autograd at a zero vector (inside the eps clamp, where finite differences do not apply)."""
+    from models.routing import _Cosine, _Normalize
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(_Normalize.apply, (x,))
+    assert torch.autograd.gradcheck(_Cosine.apply, (x, k))
+    z = x.detach().clone()
+    z[0, 2] = 0.0  # F.normalize gives 0 there and a gradient of 1 / eps, not the radial projection
+    z.requires_grad_(True)
+    weight = torch.randn(2, 5, 6, dtype=torch.float64, generator=g)
+    (ref,) = torch.autograd.grad((torch.nn.functional.normalize(z, dim=-1) * weight).sum(), z)
+    (got,) = torch.autograd.grad((_Normalize.apply(z) * weight).sum(), z)
+    torch.testing.assert_close(got, ref)
+    cosine = (torch.nn.functional.normalize(z, dim=-1) * torch.nn.functional.normalize(k, dim=-1)).sum(-1)
+    ref = torch.autograd.grad((cosine * weight[..., 0]).sum(), (z, k))
+    got = torch.autograd.grad((_Cosine.apply(z, k) * weight[..., 0]).sum(), (z, k))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
