@@ -22,9 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-_NORMALIZE_EPS = 1e-12  # F.normalize's default: a zero vector has cosine 0 with everything
-
-
 @dataclass
 class RouterOutput:
     prob: Tensor          # (B, L) float32 boundary probability p; first/last raster tokens are 1
@@ -66,9 +63,14 @@ def _finish_routing(prob: Tensor) -> RouterOutput:
 
 
 def _safe_norm(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """max(|x|, eps) over the last dim and whether the clamp was inactive (the norm's gradient flows)."""
+    """max(|x|, 1e-12) over the last dim (F.normalize's eps: a zero vector has cosine 0 with everything)
+    and whether the clamp was inactive (the norm's gradient flows).
+
+    eps is a literal: torch.compile (2.14) fails on a module global or a default argument read inside an
+    autograd.Function's forward ("lift_tracked_freevar_to_input should not be called on root SubgraphTracer").
+    """
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (..., 1)
-    return norm.clamp_min(_NORMALIZE_EPS), norm >= _NORMALIZE_EPS
+    return norm.clamp_min(1e-12), norm >= 1e-12
 
 
 class _Normalize(torch.autograd.Function):
