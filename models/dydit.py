@@ -342,7 +342,11 @@ def _sliced_attention(attn: nn.Module, a: Tensor, layout: TokenLayout, kept: Ten
         return F.linear(a.new_zeros(*a.shape[:-1], 0), wp, attn.proj.bias)      # proj(0) = bias
     if layout.packed:
         T = a.shape[0]
-        q, k, v = F.linear(a, w, b).view(T, 3, h, dh).transpose(0, 1).contiguous().unbind(0)  # 3 x (T, h, Dh)
+        qkv = F.linear(a, w, b).view(T, 3, h, dh)                                # (T, 3, h, Dh)
+        if a.is_cuda:  # contiguous q/k/v, as Attention.forward: jagged SDPA rejects strided views on some builds
+            q, k, v = qkv.transpose(0, 1).contiguous().unbind(0)                 # 3 x (T, h, Dh)
+        else:  # the CPU kernel reads the strided views in place
+            q, k, v = qkv.unbind(1)                                              # 3 x (T, h, Dh) views
         out = _packed_attention(q, k, v, layout).reshape(T, h * dh)             # (T, h Dh)
     else:
         B, N, _ = a.shape
