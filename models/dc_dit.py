@@ -84,6 +84,10 @@ class DCDiT(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.dydit = dydit
         width = encoder_width or hidden_size // 4
+        # sin-cos of every grid cell's (row, col) * pos_scale, (L, D); derived, so not in the state dict.
+        cells = torch.arange(input_size * input_size)                           # (L,)
+        table = sincos_2d(grid_coords(cells, self.grid) * pos_scale, hidden_size)  # (L, D)
+        self.register_buffer("pos_table", table, persistent=False)
 
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
@@ -113,9 +117,12 @@ class DCDiT(nn.Module):
                 block.reset_gates()
 
     def pos_embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, Mmax) raster positions -> (B, Mmax, D) sin-cos at each kept token's own (row, col)."""
-        coords = grid_coords(idx, self.grid) * self.pos_scale                    # (B, Mmax, 2)
-        return sincos_2d(coords, self.hidden_size)                               # (B, Mmax, D)
+        """(B, Mmax) raster positions -> (B, Mmax, D) sin-cos at each kept token's own (row, col).
+
+        Rows of `pos_table`, the formula evaluated once at every grid position (at construction, with
+        pos_scale): a gather instead of B * Mmax * D sines and cosines per forward."""
+        B, m_max = idx.shape
+        return self.pos_table.index_select(0, idx.reshape(-1)).view(B, m_max, -1)  # (B, Mmax, D)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_info: bool = False,
                 tail_drop: Fraction = 0.0, force_drop_ids: Optional[torch.Tensor] = None,

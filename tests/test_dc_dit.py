@@ -226,3 +226,13 @@ def test_ste_gate_is_identity_forward_and_product_gradient():
     ones = torch.ones(2, 6, requires_grad=True)
     (ref,) = torch.autograd.grad(u * ones.unsqueeze(-1), ones, grad)
     torch.testing.assert_close(gs, ref)
+
+
+def test_pos_embed_table_is_the_formula_at_each_kept_position_and_not_saved():
+    from models.chunking import grid_coords
+    from models.pos_embed import sincos_2d
+    m = DCDiT(input_size=6, hidden_size=32, depth=1, num_heads=4, num_classes=10, norm_groups=8, pos_scale=0.5)
+    idx = torch.tensor([[0, 7, 35], [3, 20, 29]])
+    ref = sincos_2d(grid_coords(idx, (6, 6)) * 0.5, 32)
+    torch.testing.assert_close(m.pos_embed(idx), ref, atol=0, rtol=0)
+    assert "pos_table" not in m.state_dict()  # derived from the config: checkpoints keep their keys
