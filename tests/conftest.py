@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny latent-feature folder in the fast-DiT layout, and a helper to run scripts."""
+"""Shared fixtures: a tiny latent-feature folder in the fast-DiT layout, a helper to run scripts, and a tiny
+DC-DiT with trained-looking weights."""
 import glob
 import json
 import os
@@ -9,6 +10,26 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny DC-DiT whose predictability router (bias 0) keeps about half of the tokens, a different number per sample.
+TINY_DCDIT = dict(input_size=8, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10, norm_groups=4,
+                  encoder_width=16, router="predictability")
+
+
+def trained_tiny_dcdit(attention="packed"):
+    """TINY_DCDIT with trained-looking weights, in eval mode (zero inits, and a fresh router's ~2 kept tokens,
+    would hide bugs; eval mode so no label-dropout draws differ between two runs)."""
+    import torch
+
+    from models.dc_dit import DCDiT
+    torch.manual_seed(0)
+    model = DCDiT(attention=attention, **TINY_DCDIT)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        model.router.out.bias.zero_()
+    return model.eval()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from models.attention import _cpu_attention_backward_op, _cpu_attention_op, packed_attention_cpu
-from models.dc_dit import DCDiT
+from conftest import trained_tiny_dcdit
 from tools.flops import flop_counter
 
 LENS = [5, 1, 9, 0, 3]  # unequal, with a single-token sample and an empty one
@@ -107,20 +107,6 @@ def test_flop_counter_prices_the_operator_as_per_sample_sdpa():
     assert ours.get_total_flops() == per_sample.get_total_flops() == 3 * 2 * 2 * sum(m * m for m in LENS) * (4 + 4)
 
 
-def tiny_dcdit():
-    """A tiny packed DC-DiT whose router keeps a different number of tokens per sample (about half),
-    with trained-looking weights; eval mode, so no label dropout draws differ between two runs."""
-    torch.manual_seed(0)
-    model = DCDiT(input_size=8, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10,
-                  norm_groups=4, encoder_width=16, router="predictability")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        model.router.out.bias.zero_()
-    return model.eval()
-
-
 def inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(3, 4, 8, 8, generator=g), torch.tensor([5, 500, 900]), torch.tensor([1, 2, 3])
@@ -129,7 +115,7 @@ def inputs(seed=0):
 def test_compile_breaks_only_at_the_chunk_host_sync():
     """The attention no longer breaks the graph: every break left is chunk's one host sync (counts.tolist()),
     which explain counts once per frame it interrupts (DCDiT.forward, then chunk itself)."""
-    model = tiny_dcdit()
+    model = trained_tiny_dcdit()
     _, info = model(*inputs(), return_info=True)
     assert len(set(info.kept.tolist())) > 1                                   # unequal lengths reach the op
     torch._dynamo.reset()
@@ -145,7 +131,7 @@ def test_compiled_training_step_matches_eager():
     """forward + backward through torch.compile(dynamic=True): the operator's fakes and autograd registration
     inside an AOT-autograd graph (the aot_eager backend; Inductor adds ~90 s of C++ compilation here and gave
     the same numbers), then a second batch with other lengths through the same compiled model."""
-    model = tiny_dcdit()
+    model = trained_tiny_dcdit()
     compiled = torch.compile(model, dynamic=True, backend="aot_eager")
 
     def step(net, batch):

@@ -11,34 +11,19 @@ import torch
 import sample
 import sample_ddp
 from config import ConfigError, load_config
-from conftest import ROOT, run_script
+from conftest import ROOT, TINY_DCDIT, run_script
+from conftest import trained_tiny_dcdit as dcdit
 from models import create_model
 from models.dc_dit import DCDiT
 from models.dydit import (DyDiTError, block_flops, dydit_execution, fix_gates, flops_loss, flops_ratio, gate_patterns,
                           gumbel_sigmoid_gate, load_dcdit_weights, static_block_flops)
 from tools.flops import count_flops, dcdit_flops_coeffs, dydit_dims, dydit_info_row_flops, forced_kept
 
-TINY = dict(input_size=8, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10, norm_groups=4,
-            encoder_width=16, router="predictability")
-
-
-def dcdit(attention="packed"):
-    """A tiny DC-DiT with trained-looking weights whose router keeps about half of the tokens, a different
-    number per sample (zero inits, and a fresh router's ~2 tokens, would hide bugs)."""
-    torch.manual_seed(0)
-    model = DCDiT(attention=attention, **TINY)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        model.router.out.bias.zero_()
-    return model.eval()
-
 
 def dydit_from(base, **kw):
     """A DyDiT built on the same sizes, loaded with every DC-DiT weight of `base` (gates at their init)."""
     torch.manual_seed(1)
-    model = DCDiT(attention="packed" if base.packed else "padded", dydit=True, **{**TINY, **kw})
+    model = DCDiT(attention="packed" if base.packed else "padded", dydit=True, **{**TINY_DCDIT, **kw})
     load_dcdit_weights(model, base.state_dict())
     return model.eval()
 
