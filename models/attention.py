@@ -43,7 +43,6 @@ class TokenLayout:
     max_seqlen: int            # Mmax
     batch_idx: torch.Tensor    # (T,) long, sample of each packed token
     flat_idx: torch.Tensor     # (T,) long, position of each packed token in the flattened (B*Mmax,) slots
-    seqlens: list              # B python ints M_b (host copy of the kept counts)
 
     @classmethod
     def build(cls, valid: torch.Tensor, packed: bool, seqlens: Optional[list] = None) -> "TokenLayout":
@@ -58,7 +57,7 @@ class TokenLayout:
         if not packed:
             cu = torch.zeros(B + 1, dtype=torch.int32, device=device)
             cu[1:] = valid.sum(1).cumsum(0)
-            return cls(valid, False, cu, Mmax, empty, empty, [])
+            return cls(valid, False, cu, Mmax, empty, empty)
         if seqlens is None:
             seqlens = valid.sum(1).tolist()                               # host sync: sizes of the packed axis
         T = int(sum(seqlens))
@@ -68,7 +67,7 @@ class TokenLayout:
         batch_idx = torch.repeat_interleave(torch.arange(B, device=device), counts, output_size=T)  # (T,)
         slot = torch.arange(T, device=device) - starts.index_select(0, batch_idx)                  # (T,)
         flat_idx = batch_idx * Mmax + slot                                # (T,)
-        return cls(valid, True, cu, Mmax, batch_idx, flat_idx, list(seqlens))
+        return cls(valid, True, cu, Mmax, batch_idx, flat_idx)
 
     def pack(self, z: torch.Tensor) -> torch.Tensor:
         """(B, Mmax, D) -> (T, D) if packed, else unchanged."""

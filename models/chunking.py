@@ -63,7 +63,7 @@ def chunk(x: Tensor, mask: Tensor, prob: Tensor, return_counts: bool = False):
                          f"mask {tuple(mask.shape)}, prob {tuple(prob.shape)}")
     if mask.dtype != torch.bool:
         raise ValueError(f"chunk expects a bool mask, got {mask.dtype}")
-    B, L, D = x.shape
+    B, L, _ = x.shape
     count = mask.sum(1)  # (B,) M_b
     counts = count.tolist()  # the one host sync
     m_max, m_min = max(counts), min(counts)
@@ -133,14 +133,14 @@ def dechunk(z: Tensor, prob: Tensor, idx: Tensor, valid: Tensor, grid: Tuple[int
         s_i = sum_j W_ij z_j / (sum_j W_ij + 1e-8),   o_i = p_i z_i + (1 - p_i) s_i,
     the 2D analogue of H-Net's EMA: confident boundaries keep their features, uncertain ones are
     pulled towards confident neighbours. Each grid position then takes o of its nearest valid kept
-    token (`plug_back_index`). Runs in float32 (autocast off); returns (B, L, D) float32.
+    token (`plug_back_index`). K_ij below exp(-69) is stored as 0 (`_KERNEL_LOG_FLOOR`: no fp32 result
+    changes, and no denormals reach the matmuls). Runs in float32 (autocast off); returns (B, L, D) float32.
     """
     if not sigma > 0:
         raise ValueError(f"dechunk sigma must be > 0, got {sigma}")
     if z.shape[:2] != idx.shape or valid.shape != idx.shape:
         raise ValueError(f"dechunk expects z (B, Mmax, D), idx and valid (B, Mmax); got z "
                          f"{tuple(z.shape)}, idx {tuple(idx.shape)}, valid {tuple(valid.shape)}")
-    B, m_max, D = z.shape
     with torch.autocast(device_type=z.device.type, enabled=False):
         # Zero the padding so nothing there (even inf/nan) can reach a valid token through 0 * z.
         z = z.float().masked_fill(~valid.unsqueeze(-1), 0.0)  # (B, Mmax, D)

@@ -206,7 +206,7 @@ def test_layout_from_host_counts_matches_the_mask():
     flat = valid.flatten().nonzero().squeeze(1)  # the reference: positions of real slots
     assert torch.equal(layout.flat_idx, flat)
     assert torch.equal(layout.batch_idx, flat // valid.shape[1])
-    assert layout.cu_seqlens.tolist() == [0, 3, 23, 25] and layout.seqlens == counts
+    assert layout.cu_seqlens.tolist() == [0, 3, 23, 25] and layout.cu_seqlens.diff().tolist() == counts
     rebuilt = TokenLayout.build(valid, True)  # counts read from the mask instead
     assert torch.equal(rebuilt.flat_idx, layout.flat_idx) and torch.equal(rebuilt.cu_seqlens, layout.cu_seqlens)
     torch.testing.assert_close(layout.unpack(layout.pack(z)), z * valid.unsqueeze(-1))
