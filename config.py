@@ -32,6 +32,8 @@ import yaml
 
 # Allowed values of the string-choice fields; scripts may reuse them as argparse `choices`.
 ROUTERS = ("cosine", "predictability", "random")  # paper §3.3 | authors' release | ablation §4.3
+RESIDUAL_INITS = ("xavier", "zero")  # residual_proj weight: what the release trains | H-Net's zero init
+ROUTER_BIAS_INITS = ("release", "target")  # predictability router's last bias: -1.1 | logit(1/N)
 ATTENTION_KINDS = ("packed", "padded")
 NOISE_SCHEDULES = ("linear", "cosine")
 DATA_KINDS = ("features", "digits")
@@ -73,6 +75,9 @@ class ModelConfig:
     dechunk_sigma: float = 1.0            # Gaussian smoothing sigma in grid units (2.0 at 512px)
     pos_scale: float = 1.0                # scale of kept tokens' (row, col) before the sin-cos embedding
     cond_adaptor: bool = False            # LayerNorm adaptor on c in encoder/decoder (upcycling, §4.4)
+    inner_norm: bool = True               # RMSNorm after the last inner block, before de-chunking (release, H-Net)
+    residual_init: str = "xavier"         # residual_proj weight: "xavier" (what the release trains) | "zero" (H-Net)
+    router_bias_init: str = "release"     # predictability router's last bias: "release" (-1.1) | "target" (logit 1/N)
     attention: str = "packed"             # "packed" | "padded"
     grad_checkpointing: bool = False
 
@@ -87,7 +92,7 @@ class DiffusionConfig:
 @dataclass
 class DataConfig:
     kind: str = "features"                # "features" (fast-DiT latent layout) | "digits" (bundled MNIST, pixel space)
-    feature_path: str = "features"        # folder holding imagenet256_features/ and imagenet256_labels/
+    feature_path: str = "features"        # folder holding imagenet{image_size}_features/ and _labels/
     image_size: int = 256                 # pixels; latents are image_size // 8
     latent_scale: float = 0.18215         # SD-VAE scale, the one place it is defined
     vae: str = "ema"                      # "ema" | "mse" (stabilityai/sd-vae-ft-*)
@@ -117,19 +122,23 @@ class TrainConfig:
     ratio_group_size: int = 16
     ratio_ramp_steps: int = 0             # 0 = no ramp; else N ramps linearly from ratio_ramp_start to N
     ratio_ramp_start: float = 2.0
-    multi_budget_drop_fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3])  # README
-    multi_budget_start_step: int = -1     # -1 = multi-budget training off
+    # Multi-budget training (authors' README): from the start step on, each step trains at a tail-drop fraction
+    # drawn from the list. Off by default and on in the paper configs, as the release's code and shipped YAML.
+    multi_budget: bool = False
+    multi_budget_drop_fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3])
+    multi_budget_start_step: Optional[int] = None  # null = when the N ramp ends (ratio_ramp_steps), as the release
     nan_policy: str = "stop"              # "stop" | "skip"
 
 
 @dataclass
 class SampleConfig:
     num_sampling_steps: int = 250         # paper §4: DDPM with 250 steps
-    cfg_scale: float = 4.0
+    cfg_scale: float = 4.0                # sample.py: pictures (DiT's and the release's sample.py)
+    fid_cfg_scale: float = 1.5            # sample_ddp.py: the FID convention of DiT and the release
     guide_channels: int = 3               # DiT guides the first 3 eps channels; 0 = all channels
     seed: int = 0
     tail_dropping_fraction: float = 0.0
-    uncond_tail_dropping_fraction: float = -1.0   # -1 = same as tail_dropping_fraction (plain CFG)
+    uncond_tail_dropping_fraction: float = 0.0    # Lite-CFG only: the unconditional branch's budget (release default)
     lite_cfg: bool = False
     per_proc_batch_size: int = 32
     num_fid_samples: int = 50_000
@@ -461,6 +470,9 @@ def validate(cfg: Config) -> None:
                      f"a multiple of model.norm_groups={m.norm_groups} (GroupNorm in the encoder/decoder)",
                      m.hidden_size)
     _require(m.router in ROUTERS, "model.router", f"one of {ROUTERS}", m.router)
+    _require(m.residual_init in RESIDUAL_INITS, "model.residual_init", f"one of {RESIDUAL_INITS}", m.residual_init)
+    _require(m.router_bias_init in ROUTER_BIAS_INITS, "model.router_bias_init", f"one of {ROUTER_BIAS_INITS}",
+             m.router_bias_init)
     # N = 1 makes the ratio loss's N/(N-1) infinite and means no compression at all (§3.5).
     _require(m.downsample_factor > 1.0, "model.downsample_factor", "> 1 (target compression N)",
              m.downsample_factor)
@@ -519,13 +531,15 @@ def validate(cfg: Config) -> None:
              "a non-empty list of drop fractions", t.multi_budget_drop_fractions)
     for i, f in enumerate(t.multi_budget_drop_fractions):
         _require(0.0 <= f < 1.0, f"train.multi_budget_drop_fractions[{i}]", "a fraction in [0, 1)", f)
-    _require(t.multi_budget_start_step >= -1, "train.multi_budget_start_step", ">= 0, or -1 (off)",
+    _require(t.multi_budget_start_step is None or t.multi_budget_start_step >= 0, "train.multi_budget_start_step",
+             "a step >= 0, or null (when the N ramp ends; turn multi-budget training on/off with train.multi_budget)",
              t.multi_budget_start_step)
     _require(t.nan_policy in NAN_POLICIES, "train.nan_policy", f"one of {NAN_POLICIES}", t.nan_policy)
 
     _require(1 <= s.num_sampling_steps <= d.diffusion_steps, "sample.num_sampling_steps",
              f"an int in [1, diffusion.diffusion_steps={d.diffusion_steps}]", s.num_sampling_steps)
     _require(s.cfg_scale >= 1.0, "sample.cfg_scale", ">= 1.0 (1.0 = no guidance)", s.cfg_scale)
+    _require(s.fid_cfg_scale >= 1.0, "sample.fid_cfg_scale", ">= 1.0 (1.0 = no guidance)", s.fid_cfg_scale)
     # Only eps channels may be guided; with learned sigma the next channels are the variance.
     _require(0 <= s.guide_channels <= m.in_channels, "sample.guide_channels",
              f"an int in [0, model.in_channels={m.in_channels}] (0 = all)", s.guide_channels)
@@ -533,9 +547,8 @@ def validate(cfg: Config) -> None:
     # Dropping every boundary token would leave nothing for the inner blocks (README, elastic inference).
     _require(0.0 <= s.tail_dropping_fraction < 1.0, "sample.tail_dropping_fraction", "a fraction in [0, 1)",
              s.tail_dropping_fraction)
-    _require(s.uncond_tail_dropping_fraction == -1.0 or 0.0 <= s.uncond_tail_dropping_fraction < 1.0,
-             "sample.uncond_tail_dropping_fraction", "a fraction in [0, 1), or -1 (same as tail_dropping_fraction)",
-             s.uncond_tail_dropping_fraction)
+    _require(0.0 <= s.uncond_tail_dropping_fraction < 1.0, "sample.uncond_tail_dropping_fraction",
+             "a fraction in [0, 1)", s.uncond_tail_dropping_fraction)
     _require(s.per_proc_batch_size >= 1, "sample.per_proc_batch_size", ">= 1", s.per_proc_batch_size)
     _require(s.num_fid_samples >= 1, "sample.num_fid_samples", ">= 1", s.num_fid_samples)
 

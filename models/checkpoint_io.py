@@ -56,3 +56,47 @@ def model_state(ckpt, use_ema: bool = True) -> Tuple[Optional[dict], str]:
     if ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         return ckpt, "state dict"
     return None, "neither 'ema'/'model' nor a state dict of tensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked (one line, printed by scripts without a traceback)."""
+    user_error = True
+
+
+WEIGHTS = ("ema", "model")
+
+
+def load_checkpoint(path: str, weights: str = "ema", configure=None, device="cpu",
+                    error: Type[Exception] = CheckpointError, what: str = "checkpoint"):
+    """A model from a checkpoint of this repo (or a DiT state dict) -> (model in eval mode, Config).
+
+        from models import load_checkpoint
+        model, cfg = load_checkpoint("results/000-DCDiT-B/checkpoints/0400000.pt", weights="ema")
+
+    weights: "ema" (what papers evaluate; falls back to "model" when the file has no EMA) or "model".
+    configure: saved config dict (None for a bare state dict) -> Config; default = the checkpoint's own config.
+    Scripts pass one that merges --config and overrides (sample.py). The weights load with strict=True.
+    """
+    from config import config_from_dict
+    from . import create_model
+    if weights not in WEIGHTS:
+        raise error(f"weights={weights!r}: expected one of {WEIGHTS}")
+    ckpt = read_checkpoint(path, what, error, "a training checkpoint or a DiT state dict")
+    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
+    state, which = model_state(ckpt, use_ema=weights == "ema")
+    if state is None:
+        raise error(f"{what} {path}: {which}; expected a training checkpoint or a DiT state dict")
+    if configure is not None:
+        cfg = configure(saved)
+    elif saved is None:
+        raise error(f"{what} {path}: holds no config (a bare state dict); pass configure= to say which model it is")
+    else:
+        cfg = config_from_dict(saved)
+    model = create_model(cfg.model, cfg.dydit)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise error(f"{what} {path} does not fit model {cfg.model.name}: "
+                    f"{lines[1] if len(lines) > 1 else lines[0]}") from None
+    return model.to(device).eval(), cfg

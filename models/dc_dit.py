@@ -15,12 +15,15 @@ from .chunking import chunk, dechunk, grid_coords
 from .dit import (DIT_SIZES, DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, guided_eps, init_conditioning,
                   init_linears, run_blocks)
 from .dydit import DyDiTBlock, DyDiTInfo, run_dydit_blocks
-from .isotropic import Decoder, Encoder
+from .isotropic import RMS_EPS, Decoder, Encoder
 from .pos_embed import sincos_2d
 from .routing import RouterOutput, build_router
 from .routing import tail_drop as drop_lowest_boundaries
 
 Fraction = Union[float, torch.Tensor]
+
+# Initialisation of residual_proj's weight: xavier (what the authors' release trains) | zero (H-Net).
+RESIDUAL_INITS = ("xavier", "zero")
 
 
 class _GateSTE(torch.autograd.Function):
@@ -66,10 +69,14 @@ class DCDiT(nn.Module):
                  norm_groups: int = 32, router: str = "cosine", downsample_factor: float = 4.0,
                  dechunk_sigma: float = 1.0, pos_scale: float = 1.0, cond_adaptor: bool = False,
                  attention: str = "packed", grad_checkpointing: bool = False, dydit: bool = False,
-                 dydit_tau: float = 5.0):
+                 dydit_tau: float = 5.0, inner_norm: bool = True, residual_init: str = "xavier",
+                 router_bias_init: str = "release"):
         super().__init__()
         if attention not in ("packed", "padded"):
             raise ValueError(f"attention must be 'packed' or 'padded', got {attention!r}")
+        if residual_init not in RESIDUAL_INITS:
+            raise ValueError(f"residual_init must be one of {RESIDUAL_INITS}, got {residual_init!r}")
+        self.residual_init = residual_init
         self.input_size = input_size
         self.grid = (input_size, input_size)
         self.in_channels = in_channels
@@ -92,24 +99,34 @@ class DCDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.encoder = Encoder(in_channels, width, hidden_size, norm_groups, cond_adaptor)
-        self.router = build_router(router, hidden_size, downsample_factor)
+        self.router = build_router(router, hidden_size, downsample_factor, bias_init=router_bias_init)
         if dydit:  # DyDiT gates on the inner blocks (§4.5); same parameter names plus the routers
             blocks = [DyDiTBlock(hidden_size, num_heads, mlp_ratio, tau=dydit_tau) for _ in range(depth)]
         else:
             blocks = [DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
         self.blocks = nn.ModuleList(blocks)
+        # The inner stack ends with an RMSNorm before de-chunking, as H-Net's isotropic stack and the authors'
+        # release: it sets the scale of the de-chunked path against residual_proj(enc) in the sum of §3.1.
+        self.inner_norm = nn.RMSNorm(hidden_size, eps=RMS_EPS) if inner_norm else None
         self.residual_proj = nn.Linear(hidden_size, hidden_size)
         self.decoder = Decoder(width, hidden_size, norm_groups, cond_adaptor)
         self.final_layer = FinalLayer(width, 1, self.out_channels, cond_size=hidden_size)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        # Linear layers as DiT, except the router's identity-initialised projections (`_no_reinit`).
-        self.residual_proj.weight._no_reinit = True
+        # Linear layers as DiT, except the router's identity-initialised projections (`_no_reinit`). That
+        # includes residual_proj: the authors' release flags it zero-initialised like H-Net, but its later
+        # DiT-style init pass overwrites the zero with xavier, and that is the network behind the paper's numbers.
         init_linears(self)
-        # Residual path starts at zero (H-Net): the decoder first sees only dechunked features.
-        nn.init.zeros_(self.residual_proj.weight)
-        # Embedders, adaLN-Zero inner blocks, zero output layer (DiT). Convs keep PyTorch's default (LDM).
+        if self.residual_init == "zero":
+            # H-Net's choice: the decoder first sees only the de-chunked features.
+            nn.init.zeros_(self.residual_proj.weight)
+        # The 3x3 patch-embed conv like a Linear (xavier on the flattened kernel, zero bias), as DiT's patch
+        # embedding and the release; the other convs keep PyTorch's default (LDM), as the release.
+        w = self.encoder.patch_embed.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.encoder.patch_embed.bias)
+        # Embedders, adaLN-Zero inner blocks, zero output layer (DiT).
         init_conditioning(self)
         # DyDiT routers (§4.5): biases high (15 width, 35 token, as the release) so every gate starts on.
         for block in self.blocks:
@@ -158,6 +175,8 @@ class DCDiT(nn.Module):
                 collected.append(layout.unpack(h))                               # (B, Mmax, D)
         else:
             h = run_blocks(self.blocks, h, c, layout, self.grad_checkpointing)  # same shape
+        if self.inner_norm is not None:
+            h = self.inner_norm(h)                                               # same shape
         z = layout.unpack(h)                                                     # (B, Mmax, D)
         u = dechunk(z, r.prob, idx, valid, self.grid, self.dechunk_sigma)       # (B, L, D) fp32
         u = ste_gate(u, r.selected).to(enc.dtype)                                # (B, L, D)

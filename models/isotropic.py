@@ -9,6 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# eps of every RMSNorm in DC-DiT (encoder, inner stack, decoder), as the authors' release (H-Net's default).
+RMS_EPS = 1e-5
+
 
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv3x3 -> + Linear(SiLU(c)) -> GroupNorm -> SiLU -> conv3x3, plus skip.
@@ -61,7 +64,7 @@ class Encoder(nn.Module):
             ResBlock(width, width, hidden_size, norm_groups),
             ResBlock(width, hidden_size, hidden_size, norm_groups),
         ])
-        self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.norm = nn.RMSNorm(hidden_size, eps=RMS_EPS)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         c = self.adaptor(c)                                            # (B, D)
@@ -84,7 +87,7 @@ class Decoder(nn.Module):
             ResBlock(hidden_size, width, hidden_size, norm_groups),
             ResBlock(width, width, hidden_size, norm_groups),
         ])
-        self.norm = nn.RMSNorm(width, eps=1e-6)
+        self.norm = nn.RMSNorm(width, eps=RMS_EPS)
 
     def forward(self, u: torch.Tensor, c: torch.Tensor, grid: tuple) -> torch.Tensor:
         c = self.adaptor(c)                                            # (B, D)

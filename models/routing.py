@@ -22,6 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+# Initial output bias of the predictability router: the release's constant, or logit(1/N).
+ROUTER_BIAS_INITS = ("release", "target")
+RELEASE_ROUTER_BIAS = -1.1
+
+
 @dataclass
 class RouterOutput:
     prob: Tensor          # (B, L) float32 boundary probability p; first/last raster tokens are 1
@@ -161,13 +166,17 @@ class PredictabilityRouter(nn.Module):
 
     z = Conv1x1(D -> D/4)(x); r = z - Conv3x3(z) is the residual of predicting each token from its
     3x3 neighbourhood; logit = Conv1x1(D/4 -> 1)(SiLU(GroupNorm(Conv3x3(r)))); p = sigmoid(logit).
-    The last bias starts at logit(1/N) = -ln(N - 1), so a fresh router keeps about L/N tokens on
-    average rather than half of them; that bias is flagged `_no_reinit`.
+    The last bias starts at `bias_init`: "release" = -1.1 for every N, as the authors' code (the
+    value that produced the paper's numbers; sigmoid(-1.1) = 0.25 = 1/N only at N = 4), or "target" =
+    logit(1/N) = -ln(N - 1), so the mean p starts at the ratio loss's optimum for any N (at N = 16 the
+    release's bias starts p four times above it and leaves the ratio loss to pull it down).
     """
 
-    def __init__(self, dim: int, downsample_factor: float, norm_groups: int = 8):
+    def __init__(self, dim: int, downsample_factor: float, norm_groups: int = 8, bias_init: str = "release"):
         super().__init__()
         N = _check_downsample_factor(downsample_factor)
+        if bias_init not in ROUTER_BIAS_INITS:
+            raise ValueError(f"PredictabilityRouter bias_init must be one of {ROUTER_BIAS_INITS}, got {bias_init!r}")
         if dim % 4 != 0:
             raise ValueError(f"PredictabilityRouter needs dim divisible by 4 (width D/4), got dim={dim}")
         hidden = dim // 4
@@ -180,8 +189,7 @@ class PredictabilityRouter(nn.Module):
         self.norm = nn.GroupNorm(norm_groups, hidden)
         self.out = nn.Conv2d(hidden, 1, kernel_size=1)
         with torch.no_grad():
-            self.out.bias.fill_(-math.log(N - 1.0))
-        self.out.bias._no_reinit = True
+            self.out.bias.fill_(RELEASE_ROUTER_BIAS if bias_init == "release" else -math.log(N - 1.0))
 
     @staticmethod
     def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -231,12 +239,13 @@ class RandomRouter(nn.Module):
         return _finish_routing(mask.float())
 
 
-def build_router(kind: str, dim: int, downsample_factor: float, norm_groups: int = 8) -> nn.Module:
+def build_router(kind: str, dim: int, downsample_factor: float, norm_groups: int = 8,
+                 bias_init: str = "release") -> nn.Module:
     """Router factory for the config key `router`."""
     if kind == "cosine":
         return CosineRouter(dim)
     if kind == "predictability":
-        return PredictabilityRouter(dim, downsample_factor, norm_groups=norm_groups)
+        return PredictabilityRouter(dim, downsample_factor, norm_groups=norm_groups, bias_init=bias_init)
     if kind == "random":
         return RandomRouter(downsample_factor)
     raise ValueError(f"unknown router kind {kind!r}; choices: 'cosine', 'predictability', 'random'")

@@ -303,7 +303,7 @@ def distillation_loss(model: nn.Module, teacher: DiT, x_t: torch.Tensor, t: torc
     """One student forward (model may be wrapped for data parallelism) and the teacher's, on the same
     x_t, t, y and label-dropout decisions. Returns (loss, ChunkInfo with the router's output for the ratio loss).
 
-    The decoder side (residual_proj, decoder, final layer) is outside this loss. A zero-weighted term on the
+    The decoder side (inner_norm, residual_proj, decoder, final layer) is outside this loss. A zero-weighted term on the
     student's output gives it exact zero gradients, so every trainable parameter takes part in each backward:
     DDP waits for a gradient of every parameter reachable from the forward's output and otherwise stops with
     "Expected to have finished reduction in the prior iteration" at the next step.
@@ -318,7 +318,7 @@ def distillation_loss(model: nn.Module, teacher: DiT, x_t: torch.Tensor, t: torc
 def reset_untouched_adam_state(optimizer) -> int:
     """Forget the Adam moments of parameters that only ever saw zero gradients; returns how many.
 
-    During distillation the decoder side (residual_proj, decoder, final layer) is outside the loss; it
+    During distillation the decoder side (inner_norm, residual_proj, decoder, final layer) is outside the loss; it
     gets exact zero gradients (`distillation_loss`, for DDP) and AdamW counts those steps. At the switch
     to the diffusion loss its bias correction would then be spent, and its first real updates would grow
     to about 6.5x the learning rate after 5K zero steps (measured with a constant gradient; 1x for a fresh

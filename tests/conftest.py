@@ -37,12 +37,27 @@ def feature_dir(tmp_path_factory):
     """48 random (1, 4, 8, 8) 'latents' with labels in 10 classes (matches configs/tiny/test-*.yaml)."""
     root = tmp_path_factory.mktemp("features")
     rng = np.random.default_rng(0)
-    (root / "imagenet256_features").mkdir()
-    (root / "imagenet256_labels").mkdir()
+    (root / "imagenet64_features").mkdir()
+    (root / "imagenet64_labels").mkdir()
     for i in range(48):
-        np.save(root / "imagenet256_features" / f"{i}.npy", rng.standard_normal((1, 4, 8, 8)).astype(np.float32))
-        np.save(root / "imagenet256_labels" / f"{i}.npy", np.array([i % 10], dtype=np.int64))
+        np.save(root / "imagenet64_features" / f"{i}.npy", rng.standard_normal((1, 4, 8, 8)).astype(np.float32))
+        np.save(root / "imagenet64_labels" / f"{i}.npy", np.array([i % 10], dtype=np.int64))
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    """A small randomly initialised diffusers AutoencoderKL (downsampling 8, 4 latent channels) saved with
+    save_pretrained: the folder `--vae-path` takes, so latent-space scripts run their real decode path."""
+    import torch
+    from diffusers.models import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64)
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    vae.save_pretrained(path)
+    return str(path)
 
 
 def run_script(args, timeout=300, check=True, env=None):

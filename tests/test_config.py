@@ -252,7 +252,7 @@ def test_impossible_values_name_the_key(overrides, key):
 
 def test_edge_values_that_are_allowed():
     cfg = load_config(None, [
-        "sample.uncond_tail_dropping_fraction=-1",   # sentinel: same as tail_dropping_fraction
+        "sample.uncond_tail_dropping_fraction=0.95",
         "sample.tail_dropping_fraction=0.9",
         "train.multi_budget_drop_fractions=[0.0,0.6]",
         "model.downsample_factor=1.5",
@@ -260,7 +260,7 @@ def test_edge_values_that_are_allowed():
         "data.kind=digits", "data.image_size=28",    # pixel space: no multiple-of-8 rule
         "train.multi_budget_start_step=50000",
     ])
-    assert cfg.sample.uncond_tail_dropping_fraction == -1.0
+    assert cfg.sample.uncond_tail_dropping_fraction == 0.95
     # DC-DiT-only GroupNorm rules do not apply to a plain DiT name
     load_config(None, ["model.name=DiT-B/2", "model.encoder_width=40"])
 
@@ -324,7 +324,7 @@ def test_saved_yaml_reloads_equal(tmp_path):
     assert load_config(str(path)) == cfg
     assert yaml.safe_load(path.read_text()) == config.config_to_dict(cfg)
     assert config.format_config(cfg) == path.read_text()
-    assert "multi_budget_drop_fractions: [0.0, 0.1, 0.2, 0.3]" in path.read_text()  # reads like configs/
+    assert "multi_budget_drop_fractions: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]" in path.read_text()  # as configs/
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temp file left behind
 
 
@@ -442,7 +442,19 @@ def test_shipped_config_values():
 
     assert load("DCDiT-XL-N16.yaml").model.name == "DCDiT-XL"
     assert load("DCDiT-XL-N16.yaml").model.downsample_factor == 16.0
-    assert load("DCDiT-B-N4.yaml") == Config()      # the paper's main setting is the default
+    # The paper's main setting is the default; the paper configs add the release's multi-budget recipe.
+    recipe = Config()
+    recipe.train.multi_budget = True
+    recipe.train.multi_budget_drop_fractions = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    recipe.train.multi_budget_start_step = 50000
+    assert load("DCDiT-B-N4.yaml") == recipe
+    for name in ("DCDiT-S-N4.yaml", "DCDiT-L-N16.yaml", "DCDiT-XL-N4.yaml", "DCDiT-XL-N16.yaml"):
+        t = load(name).train
+        assert (t.multi_budget, t.multi_budget_start_step, t.multi_budget_drop_fractions) == (
+            True, 50000, recipe.train.multi_budget_drop_fractions), name
+    assert (recipe.sample.cfg_scale, recipe.sample.fid_cfg_scale) == (4.0, 1.5)  # pictures | FID, as the release
+    m = recipe.model
+    assert (m.inner_norm, m.residual_init, m.router_bias_init) == (True, "xavier", "release")
     assert load("DiT-XL-2.yaml").model.name == "DiT-XL/2"
     depths = {"B-2-isoparam": 13, "B-2-isoflop": 17, "B-4-isoparam": 13, "B-4-isoflop": 28,
               "XL-2-isoparam": 29, "XL-2-isoflop": 34, "XL-4-isoparam": 29, "XL-4-isoflop": 50}

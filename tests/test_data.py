@@ -7,8 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (FEATURES_DIR, LABELS_DIR, DataError, DigitsDataset, FeatureDataset, build_dataset,
+from data import (DataError, DigitsDataset, FeatureDataset, build_dataset, feature_dirs,
                   center_crop_arr, to_uint8_images)
+
+# The folder names the features of 256px images live in (feature_dirs(256)); FeatureDataset's default size.
+FEATURES_DIR, LABELS_DIR = feature_dirs(256)
 
 
 # ------------------------------------------------------------------ digits
@@ -91,8 +94,25 @@ def test_feature_round_trip_numeric_order(tmp_path, shape, label_shape):
 
 def test_feature_via_build_dataset(tmp_path):
     write_features(tmp_path, n=2)
-    ds = build_dataset(SimpleNamespace(kind="features", feature_path=str(tmp_path)), expected_shape=(4, 8, 8))
+    ds = build_dataset(SimpleNamespace(kind="features", feature_path=str(tmp_path), image_size=256),
+                       expected_shape=(4, 8, 8))
     assert isinstance(ds, FeatureDataset) and len(ds) == 2
+
+
+def test_feature_folders_follow_the_image_size(tmp_path):
+    """512px features live in imagenet512_*, as the release writes them; 256px ones beside them are not read."""
+    assert feature_dirs(512) == ("imagenet512_features", "imagenet512_labels")
+    assert feature_dirs(256) == ("imagenet256_features", "imagenet256_labels")
+    write_features(tmp_path, n=3)  # 256px folders
+    for name in feature_dirs(512):
+        os.makedirs(tmp_path / name)
+    np.save(tmp_path / "imagenet512_features" / "0.npy", np.zeros((1, 4, 8, 8), np.float32))
+    np.save(tmp_path / "imagenet512_labels" / "0.npy", np.array([4], np.int64))
+    ds = build_dataset(SimpleNamespace(kind="features", feature_path=str(tmp_path), image_size=512),
+                       expected_shape=(4, 8, 8))
+    assert len(ds) == 1 and int(ds[0][1]) == 4
+    with pytest.raises(DataError, match="imagenet128_features: folder not found"):
+        FeatureDataset(str(tmp_path), 128)
 
 
 def test_feature_missing_folder(tmp_path):

@@ -1,4 +1,6 @@
 """DC-DiT wiring: parameter counts, batch independence, packed == padded, STE gradients, CFG, Lite-CFG."""
+import math
+
 import pytest
 import torch
 
@@ -138,10 +140,54 @@ def test_router_gets_gradients_from_diffusion_loss_alone():
         assert sum(g.abs().sum() for g in grads) > 0, router
 
 
-def test_residual_proj_zero_init_survives_and_router_identity_init():
+def _xavier_bound(weight):
+    fan_out, fan_in = weight.shape[0], weight[0].numel()
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+def test_initialisation_follows_the_release_where_the_paper_is_silent():
+    """residual_proj and the 3x3 patch-embed conv are xavier-uniform with zero bias (the release's init pass);
+    the cosine router's projections stay the identity and its averaging kernel 1/9 (§3.3)."""
     m = tiny()
-    assert torch.count_nonzero(m.residual_proj.weight) == 0
-    assert torch.equal(m.router.q_proj.weight, torch.eye(64)) if hasattr(m.router, "q_proj") else True
+    for w, b in ((m.residual_proj.weight, m.residual_proj.bias),
+                 (m.encoder.patch_embed.weight, m.encoder.patch_embed.bias)):
+        bound = _xavier_bound(w)
+        assert torch.count_nonzero(b) == 0
+        assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound  # uniform over the whole xavier range
+    assert torch.equal(m.router.q_proj.weight, torch.eye(64)) and torch.equal(m.router.k_proj.weight, torch.eye(64))
+    assert torch.all(m.router.k_avg.weight == 1.0 / 9.0)
+    assert torch.count_nonzero(tiny(residual_init="zero").residual_proj.weight) == 0  # H-Net's option
+
+
+@pytest.mark.parametrize("bias_init,n,expected", [("release", 4.0, -1.1), ("release", 16.0, -1.1),
+                                                  ("target", 4.0, -math.log(3.0)), ("target", 16.0, -math.log(15.0))])
+def test_predictability_router_output_bias(bias_init, n, expected):
+    m = tiny(router="predictability", downsample_factor=n, router_bias_init=bias_init)
+    assert torch.allclose(m.router.out.bias, torch.tensor([expected]))
+
+
+def test_inner_norm_is_an_rmsnorm_before_dechunking():
+    """With inner_norm the inner stack ends in RMSNorm(D) (eps 1e-5, as the release): scaling the last block's
+    output leaves the de-chunked path unchanged; without it the output changes."""
+    m = randomize(tiny())
+    assert isinstance(m.inner_norm, torch.nn.RMSNorm) and m.inner_norm.eps == 1e-5
+    assert "inner_norm.weight" in m.state_dict()
+    assert "inner_norm.weight" not in tiny(inner_norm=False).state_dict()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
+    last = m.blocks[-1]
+    with torch.no_grad():
+        ref = m(x, t, y)
+        handle = last.register_forward_hook(lambda mod, inp, out: 7.0 * out)
+        scaled = m(x, t, y)
+        handle.remove()
+        m.inner_norm = None
+        handle = last.register_forward_hook(lambda mod, inp, out: 7.0 * out)
+        unnormed_scaled = m(x, t, y)
+        handle.remove()
+        unnormed = m(x, t, y)
+    assert torch.allclose(scaled, ref, atol=1e-5)  # RMSNorm(7 h) = RMSNorm(h) up to eps
+    assert not torch.allclose(unnormed_scaled, unnormed, atol=1e-3)
+    assert not torch.allclose(unnormed, ref, atol=1e-3)
 
 
 def test_tail_drop_reduces_tokens_monotonically_with_floor_arithmetic():

@@ -12,10 +12,11 @@ from PIL import Image
 from torchvision import transforms
 
 import extract_features
-from data import FEATURES_DIR, LABELS_DIR, FeatureDataset, center_crop_arr
+from data import FeatureDataset, center_crop_arr, feature_dirs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 64  # latents 8 x 8
+FEATURES_DIR, LABELS_DIR = feature_dirs(IMAGE_SIZE)  # imagenet64_features, imagenet64_labels
 SEED = 3
 # (class, height, width): non-square sizes exercise the ADM crop; 5 images so 2 ranks split 3 + 2.
 IMAGES = [("cat", 64, 80), ("cat", 72, 64), ("cat", 64, 64), ("dog", 96, 70), ("dog", 64, 100)]
@@ -108,7 +109,7 @@ def test_single_process_files_labels_values(workspace, single):
         assert np.allclose(feats[i], direct_encode(workspace, i, i), atol=1e-5)
     # The posterior noise matters (a different seed gives a different latent), so the check above has teeth.
     assert not np.allclose(feats[0], direct_encode(workspace, 0, 1), atol=1e-3)
-    ds = FeatureDataset(str(single), expected_shape=(4, 8, 8))
+    ds = FeatureDataset(str(single), IMAGE_SIZE, expected_shape=(4, 8, 8))
     x, y = ds[3]
     assert len(ds) == len(IMAGES) and torch.equal(x, torch.from_numpy(feats[3][0])) and int(y) == 1
 

@@ -81,8 +81,7 @@ def test_router_is_fp32_under_bf16_autocast():
 def test_predictability_router_starts_near_one_over_n():
     torch.manual_seed(0)
     N = 4
-    router = PredictabilityRouter(32, N, norm_groups=8)
-    assert router.out.bias._no_reinit is True
+    router = PredictabilityRouter(32, N, norm_groups=8, bias_init="target")
     assert math.isclose(router.out.bias.item(), -math.log(N - 1), rel_tol=1e-6)
     x = torch.randn(4, 64, 32)
     out = router(x, (8, 8))

@@ -55,6 +55,8 @@ def test_outputs_follow_adm_layout(uninterrupted):
         assert np.array_equal(np.asarray(Image.open(out / f"{i:06d}.png")), arr[i])
     assert len(np.unique(arr.reshape(N, -1), axis=0)) == N  # every index got its own noise
     assert report["num_images"] == N and report["measured_images"] == N
+    # Without --cfg-scale: 1.5, DiT's and the release's FID setting, not the checkpoint's picture scale.
+    assert report["cfg_scale"] == 1.5 and report["config"]["sample"]["cfg_scale"] == 1.5
     assert report["config"]["model"]["name"] == "DCDiT-S" and report["ckpt"].endswith("dcdit.pt")
     steps = report["num_sampling_steps"]
     assert report["timesteps"] == [999, 666, 333, 0] and len(report["kept_tokens"]) == steps
@@ -176,5 +178,5 @@ def test_resume_with_other_settings_is_refused(ckpt, tmp_path, capsys):
                                      "--cfg-scale", "3.0", "--device", "cpu"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "different settings" in err and "cfg_scale was 2.0, now 3.0" in err
+    assert "different settings" in err and "cfg_scale was 1.5, now 3.0" in err  # 1.5: the FID default
     assert not (out / "000001.png").exists()

@@ -71,7 +71,7 @@ def test_dcdit_on_digits_learns_to_compress_toward_n(tmp_path):
 def test_multi_budget_fraction_is_a_function_of_the_step():
     import train
     from config import load_config
-    cfg = load_config("configs/tiny/test-dcdit.yaml", ["train.multi_budget_start_step=5",
+    cfg = load_config("configs/tiny/test-dcdit.yaml", ["train.multi_budget=true", "train.multi_budget_start_step=5",
                                                        "train.multi_budget_drop_fractions=[0.0,0.2,0.4,0.6]"])
     assert [train.multi_budget_fraction(cfg, s) for s in range(5)] == [0.0] * 5  # before the start step
     draws = [train.multi_budget_fraction(cfg, s) for s in range(5, 405)]
@@ -79,8 +79,21 @@ def test_multi_budget_fraction_is_a_function_of_the_step():
     assert draws == [train.multi_budget_fraction(cfg, s) for s in range(5, 405)]  # same on every rank / resume
     counts = [draws.count(f) for f in (0.0, 0.2, 0.4, 0.6)]
     assert min(counts) > 60  # roughly uniform over 400 steps
-    off = load_config("configs/tiny/test-dcdit.yaml")
+    off = load_config("configs/tiny/test-dcdit.yaml", ["train.multi_budget_start_step=5"])
     assert all(train.multi_budget_fraction(off, s) == 0.0 for s in range(0, 1000, 37))
+
+
+def test_multi_budget_starts_when_the_n_ramp_ends_unless_set():
+    """The release's rule: an unset start step means the end of the N curriculum (step 0 without one)."""
+    import train
+    from config import load_config
+    ramp = load_config("configs/tiny/test-dcdit.yaml", ["train.multi_budget=true", "train.ratio_ramp_steps=30",
+                                                        "train.multi_budget_drop_fractions=[0.5]"])
+    assert train.multi_budget_start(ramp) == 30
+    assert [train.multi_budget_fraction(ramp, s) for s in (0, 29, 30, 31)] == [0.0, 0.0, 0.5, 0.5]
+    no_ramp = load_config("configs/tiny/test-dcdit.yaml", ["train.multi_budget=true",
+                                                           "train.multi_budget_drop_fractions=[0.5]"])
+    assert train.multi_budget_fraction(no_ramp, 0) == 0.5
 
 
 def test_ratio_target_ramp():

@@ -280,7 +280,7 @@ def test_distillation_step_reaches_every_parameter_and_spares_teacher_and_embedd
     x, t, y = torch.randn(4, 4, 8, 8), torch.randint(0, 1000, (4,)), torch.arange(4)
     loss, info = distillation_loss(model, teacher, x, t, y, torch.tensor([0, 0, 1, 0]))
     (loss + 0.03 * ratio_loss(info.router.natural_mask, info.router.prob, 4.0, 4)).backward()
-    decoder_side = ("residual_proj.", "decoder.", "final_layer.")
+    decoder_side = ("inner_norm.", "residual_proj.", "decoder.", "final_layer.")
     for n, p in model.named_parameters():
         if n.startswith(("t_embedder", "y_embedder")):
             assert p.grad is None, n

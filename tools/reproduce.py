@@ -103,7 +103,7 @@ def run_specs(depths: dict, plan: Plan) -> dict:
     half = plan.steps // 2
     common = [f"train.max_steps={plan.steps}", f"train.ckpt_every={max(1, half)}", "train.log_every=100",
               f"sample.num_sampling_steps={plan.sampling_steps}"]
-    budget = [f"train.multi_budget_start_step={half}"]
+    budget = ["train.multi_budget=true", f"train.multi_budget_start_step={half}"]
     return {
         "dcdit": ("DC-DiT learned router", DCDIT_CONFIG, common + budget),
         "random": ("DC-DiT random router", DCDIT_CONFIG, common + budget + ["model.router=random"]),

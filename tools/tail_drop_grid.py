@@ -36,9 +36,7 @@ def run_fractions(model, cfg, labels: torch.Tensor, fractions, device="cpu", vae
     L = model.grid[0] * model.grid[1]
     results = []
     for f in fractions:
-        uncond = None
-        if s.lite_cfg:  # the unconditional budget stays fixed across columns unless it follows f (-1)
-            uncond = s.uncond_tail_dropping_fraction if s.uncond_tail_dropping_fraction >= 0 else f
+        uncond = s.uncond_tail_dropping_fraction if s.lite_cfg else None  # Lite-CFG: fixed across columns
         sampler = Sampler(model, cfg, s.cfg_scale, f, uncond, keep_maps=False)
         images = generate(model, cfg, labels, seed=s.seed, device=device, sampler=sampler, vae=vae)
         kept = np.stack([r["kept"].numpy() for r in sampler.records])                      # (S, rows)

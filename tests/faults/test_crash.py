@@ -60,15 +60,15 @@ def test_kill_9_midway_then_resume_matches_uninterrupted(feature_dir, tmp_path):
 @pytest.fixture()
 def nan_features(tmp_path):
     root = tmp_path / "nan_features"
-    (root / "imagenet256_features").mkdir(parents=True)
-    (root / "imagenet256_labels").mkdir()
+    (root / "imagenet64_features").mkdir(parents=True)
+    (root / "imagenet64_labels").mkdir()
     rng = np.random.default_rng(0)
     for i in range(64):
         x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
         if i == 5:
             x[0, 0, 0, 0] = np.nan
-        np.save(root / "imagenet256_features" / f"{i}.npy", x)
-        np.save(root / "imagenet256_labels" / f"{i}.npy", np.array([i % 10]))
+        np.save(root / "imagenet64_features" / f"{i}.npy", x)
+        np.save(root / "imagenet64_labels" / f"{i}.npy", np.array([i % 10]))
     return str(root)
 
 

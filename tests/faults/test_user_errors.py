@@ -50,11 +50,11 @@ def test_bad_config_values(override, needle, capsys):
 
 
 def test_empty_feature_folder(tmp_path, capsys):
-    (tmp_path / "imagenet256_features").mkdir()
-    (tmp_path / "imagenet256_labels").mkdir()
+    (tmp_path / "imagenet64_features").mkdir()
+    (tmp_path / "imagenet64_labels").mkdir()
     err = run_main(train.main, ["--config", "configs/tiny/test-dit.yaml", f"data.feature_path={tmp_path}",
                                 f"train.results_dir={tmp_path / 'r'}"], capsys)
-    assert "imagenet256_features" in err
+    assert "imagenet64_features" in err
 
 
 def _tiny_ckpt(path, overrides):
