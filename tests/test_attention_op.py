@@ -131,6 +131,7 @@ def test_layout_offsets_are_the_varlen_convention():
     assert padded.per_token(v).tolist() == [[[10.0]], [[20.0]], [[30.0]]]   # (B, 1, K) broadcasts over slots
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")  # torch's prototype notice
 @torch.no_grad()
 def test_jagged_path_attends_within_each_sample():
     """The GPU path for dtypes without a varlen kernel (jagged nested SDPA), run on the CPU: with lengths
