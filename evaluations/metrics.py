@@ -42,15 +42,16 @@ def _sqrtm(matrix):
     """scipy.linalg.sqrtm as ADM calls it (`disp=False`, which only silences scipy's accuracy print).
 
     SciPy 1.16 deprecated `disp` (removal planned for 1.18) without changing the root itself, so the
-    deprecation warning is silenced and a SciPy without the argument is called plainly.
+    deprecation warning is silenced and a SciPy without the argument is called plainly. SciPy 1.17 returns
+    the root of a 1 x 1 matrix alone even with `disp=False` (no error estimate), so both forms are accepted.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            root, _ = scipy.linalg.sqrtm(matrix, disp=False)
+            out = scipy.linalg.sqrtm(matrix, disp=False)
     except TypeError:
-        root = scipy.linalg.sqrtm(matrix)
-    return root
+        return scipy.linalg.sqrtm(matrix)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _trace_sqrt_product_eigh(sigma1, sigma2):

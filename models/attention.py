@@ -219,8 +219,19 @@ def packed_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     return _cpu_attention_op(q, k, v, cu_seqlens)[0]                      # (T, H, Dh)
 
 
+def _jagged_attention(q, k, v, layout: TokenLayout) -> torch.Tensor:
+    """q, k, v (T, H, Dh) -> (T, H, Dh) through jagged nested tensors and SDPA: the GPU path for dtypes the varlen
+    kernels do not take. It runs on the CPU as well (unfused), which is how its offsets are tested."""
+    offsets = layout.cu_seqlens.long()                                    # (B+1,) int64, as jagged tensors take
+    nq, nk, nv = (torch.nested.nested_tensor_from_jagged(t, offsets, max_seqlen=layout.max_seqlen)
+                  .transpose(1, 2) for t in (q, k, v))                    # (B, H, j, Dh) jagged
+    out = F.scaled_dot_product_attention(nq, nk, nv)                      # (B, H, j, Dh) jagged
+    return out.transpose(1, 2).values()                                   # (T, H, Dh)
+
+
 def _packed_attention(q, k, v, layout: TokenLayout) -> torch.Tensor:
-    """q, k, v (T, H, Dh) -> (T, H, Dh), each sample attending only to its own tokens."""
+    """q, k, v (T, H, Dh) -> (T, H, Dh), each sample attending only to its own tokens. Every path reads its
+    offsets from the layout (TokenLayout.build's cu_seqlens and max_seqlen)."""
     m = layout.max_seqlen
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         if flash_attn_varlen_func is not None:
@@ -229,11 +240,7 @@ def _packed_attention(q, k, v, layout: TokenLayout) -> torch.Tensor:
             return varlen_attn(q, k, v, layout.cu_seqlens, layout.cu_seqlens, m, m)
     if not q.is_cuda:
         return packed_attention_cpu(q, k, v, layout.cu_seqlens)           # (T, H, Dh)
-    offsets = layout.cu_seqlens.long()
-    nq, nk, nv = (torch.nested.nested_tensor_from_jagged(t, offsets, max_seqlen=layout.max_seqlen)
-                  .transpose(1, 2) for t in (q, k, v))                    # (B, H, j, Dh) jagged
-    out = F.scaled_dot_product_attention(nq, nk, nv)                      # (B, H, j, Dh) jagged
-    return out.transpose(1, 2).values()                                   # (T, H, Dh)
+    return _jagged_attention(q, k, v, layout)                             # (T, H, Dh)
 
 
 class Attention(nn.Module):

@@ -1,10 +1,12 @@
 """The CPU packed attention operator (dcdit::packed_attention): per-sample SDPA numbers and gradients, its
-registrations (opcheck, FLOP count), and torch.compile keeping it inside the graph of a DC-DiT."""
+registrations (opcheck, FLOP count), and torch.compile keeping it inside the graph of a DC-DiT; the layout
+offsets every packed path reads (CPU operator and GPU kernels alike), and the jagged GPU path run on the CPU."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.attention import _cpu_attention_backward_op, _cpu_attention_op, packed_attention_cpu
+from models.attention import (TokenLayout, _cpu_attention_backward_op, _cpu_attention_op, _jagged_attention,
+                              packed_attention_cpu)
 from conftest import trained_tiny_dcdit
 from tools.flops import flop_counter
 
@@ -105,6 +107,43 @@ def test_flop_counter_prices_the_operator_as_per_sample_sdpa():
     with flop_counter() as per_sample:
         reference(rq, rk, rv, LENS).sum().backward()
     assert ours.get_total_flops() == per_sample.get_total_flops() == 3 * 2 * 2 * sum(m * m for m in LENS) * (4 + 4)
+
+
+def test_layout_offsets_are_the_varlen_convention():
+    """Lengths 3, 1, 4 in a (3, 4) mask: cu_seqlens [0, 3, 4, 8] in int32 (flash-attn's type; the CPU operator,
+    flash-attn, PyTorch's varlen_attn and the jagged path all read these offsets), max_seqlen 4, tokens packed
+    sample by sample in slot order, and each sample's vector repeated once per token of its own."""
+    valid = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    z = torch.arange(12.0).view(3, 4, 1)                                      # slot s of sample b holds 4 b + s
+    v = torch.tensor([[10.0], [20.0], [30.0]])                                # (B, 1) per-sample vectors
+    for seqlens in (None, [3, 1, 4]):                                         # read from the mask, or given
+        layout = TokenLayout.build(valid, True, seqlens)
+        assert layout.cu_seqlens.dtype == torch.int32 and layout.cu_seqlens.tolist() == [0, 3, 4, 8]
+        assert layout.max_seqlen == 4
+        assert layout.batch_idx.tolist() == [0, 0, 0, 1, 2, 2, 2, 2]
+        assert layout.flat_idx.tolist() == [0, 1, 2, 4, 8, 9, 10, 11]
+        assert layout.pack(z).flatten().tolist() == [0, 1, 2, 4, 8, 9, 10, 11]
+        assert layout.unpack(layout.pack(z))[..., 0].tolist() == [[0, 1, 2, 0], [4, 0, 0, 0], [8, 9, 10, 11]]
+        assert layout.per_token(v).flatten().tolist() == [10, 10, 10, 20, 30, 30, 30, 30]
+    padded = TokenLayout.build(valid, False)
+    assert padded.cu_seqlens.dtype == torch.int32 and padded.cu_seqlens.tolist() == [0, 3, 4, 8]
+    assert padded.max_seqlen == 4 and padded.pack(z) is z and padded.unpack(z) is z
+    assert padded.per_token(v).tolist() == [[[10.0]], [[20.0]], [[30.0]]]   # (B, 1, K) broadcasts over slots
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")  # torch's prototype notice
+@torch.no_grad()
+def test_jagged_path_attends_within_each_sample():
+    """The GPU path for dtypes without a varlen kernel (jagged nested SDPA), run on the CPU: with lengths
+    3, 1, 4 it equals each sample's own SDPA, so its offsets cut the tokens where cu_seqlens says."""
+    lens = [3, 1, 4]
+    layout = TokenLayout.build(torch.arange(4) < torch.tensor(lens)[:, None], True)  # (3, 4) real slots first
+    _, qkv = packed_qkv(lens)
+    q, k, v = (t.detach().contiguous() for t in qkv)                          # the GPU branch gets contiguous q/k/v
+    out = _jagged_attention(q, k, v, layout)                                  # (T, H, Dh)
+    torch.testing.assert_close(out, reference(q, k, v, lens), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[3], v[3])                                  # the 1-token sample sees itself only
+    torch.testing.assert_close(packed_attention_cpu(q, k, v, layout.cu_seqlens), out, rtol=1e-5, atol=1e-6)
 
 
 def inputs(seed=0):

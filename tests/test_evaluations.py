@@ -73,6 +73,42 @@ def test_frechet_methods_agree_on_rank_deficient_covariances():
     assert frechet_distance(*a, *b) == pytest.approx(frechet_distance(*a, *b, method="eigh"), rel=1e-6)
 
 
+def test_gaussian_statistics_are_the_unbiased_sample_mean_and_covariance():
+    """ADM's np.cov divides by N - 1: hand-worked values, so a biased (ddof=0) estimate cannot pass."""
+    mu, sigma = gaussian_statistics(np.array([[1.0], [2.0], [3.0], [4.0]]))
+    # mean 10/4; squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5, over N - 1 = 3 (ddof=0 would give 1.25)
+    assert mu.tolist() == [2.5] and sigma.size == 1  # np.cov of one column is 0-d; frechet_distance takes it
+    assert float(sigma) == pytest.approx(5 / 3, rel=1e-12)
+    mu, sigma = gaussian_statistics(np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]]))
+    # mean (3, 2); deviations (-2, 0), (0, 2), (2, -2): sums of products 8, 8 and -4, over N - 1 = 2
+    assert mu.tolist() == [3.0, 2.0]
+    np.testing.assert_allclose(sigma, [[4.0, -2.0], [-2.0, 4.0]], rtol=1e-12)
+    assert mu.dtype == sigma.dtype == np.float64
+
+
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
+def test_fid_of_activations_equals_the_hand_computed_value(method):
+    """Activations -> statistics -> FID against a number derived by hand, not through gaussian_statistics."""
+    a = np.array([[1.0], [2.0], [3.0], [4.0]])  # mean 2.5, variance 5/3 (ddof=1)
+    b = 2 * a                                    # mean 5, variance 4 * 5/3 = 20/3
+    # (5 - 2.5)^2 + 5/3 + 20/3 - 2 sqrt(5/3 * 20/3) = 6.25 + 25/3 - 20/3 = 6.25 + 5/3 = 95/12
+    # (with ddof=0 the variances are 1.25 and 5 and the FID 6.25 + 6.25 - 5 = 7.5)
+    got = frechet_distance(*gaussian_statistics(a), *gaussian_statistics(b), method=method)
+    assert got == pytest.approx(7.916666666666667, rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
+def test_frechet_distance_of_given_non_diagonal_gaussians(method):
+    """Two covariances with the eigenvectors (1, 1) and (1, -1): sigma1 has eigenvalues 3, 1 and sigma2 9, 1,
+    so sigma1 sigma2 has 27, 1 and tr sqrt(sigma1 sigma2) = 3 sqrt(3) + 1.
+    FID = |(0, 0) - (1, 2)|^2 + tr 4 + tr 10 - 2 (3 sqrt(3) + 1) = 17 - 6 sqrt(3) = 6.607695154586736."""
+    got = frechet_distance(np.array([0.0, 0.0]), np.array([[2.0, 1.0], [1.0, 2.0]]),
+                           np.array([1.0, 2.0]), np.array([[5.0, 4.0], [4.0, 5.0]]), method=method)
+    assert got == pytest.approx(6.607695154586736, rel=1e-9)
+    # 1-D: |1 - 4|^2 + 4 + 9 - 2 sqrt(36) = 9 + 13 - 12 = 10 (scalars are accepted as 1-D statistics)
+    assert frechet_distance(1.0, 4.0, 4.0, 9.0, method=method) == pytest.approx(10.0, rel=1e-12)
+
+
 # ------------------------------------------------------------------ Inception Score
 
 def _is_by_hand(logits, split_size):

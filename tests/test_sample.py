@@ -161,6 +161,58 @@ def test_seeds_and_labels_depend_only_on_the_image_index():
     assert torch.equal(a, b)
 
 
+def test_image_seed_is_its_documented_formula():
+    """(stream << 56) + seed * 1_000_003 + index, with the expected seeds worked out by hand."""
+    assert sample.image_seed(0, 0) == 0
+    assert sample.image_seed(7, 3) == 7_000_024                                    # 7 * 1_000_003 + 3
+    assert sample.image_seed(2, 5, sample.UNCOND_NOISE_STREAM) == 72_057_594_039_927_947  # 2**56 + 2_000_006 + 5
+    assert sample.image_seed(1, 0, sample.LABEL_STREAM) == 144_115_188_076_855_875  # 2**57 + 1_000_003
+
+
+def test_generator_of_image_i_is_seeded_by_seed_and_i():
+    """image_generators(seed, indices)[k] draws exactly what torch.Generator().manual_seed(image_seed(seed,
+    indices[k])) draws; indices out of order and with a gap, so an off-by-one or a positional index shows."""
+    indices = [4, 0, 3]
+    seeds = [9_000_031, 9_000_027, 9_000_030]  # 9 * 1_000_003 + i
+    for g, seed in zip(sample.image_generators(9, indices), seeds):
+        want = torch.randn(5, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(torch.randn(5, generator=g), want), seed
+    for g, i in zip(sample.image_generators(9, indices, stream=sample.LABEL_STREAM), indices):
+        want = torch.randn(5, generator=torch.Generator().manual_seed(sample.image_seed(9, i, sample.LABEL_STREAM)))
+        assert torch.equal(torch.randn(5, generator=g), want), i
+    # The label of image i is the first draw of its label-stream generator.
+    label = torch.randint(10, (1,), generator=torch.Generator().manual_seed(2 ** 57 + 9_000_030))
+    assert sample.class_labels(9, [3], 10).tolist() == label.tolist()
+
+
+class _FirstInput(sample.Sampler):
+    """A Sampler that keeps the x_T the diffusion loop hands the model first."""
+
+    def __call__(self, x, t, y):
+        if not self.records:
+            self.x_T = x.clone()
+        return super().__call__(x, t, y)
+
+
+def test_generate_starts_image_i_from_the_noise_of_seed_and_i(tiny):
+    """x_T of image i is the first (1, C, H, W) draw of the generator seeded by (seed, i), for given indices
+    and for the default 0..B-1; under CFG the unconditional rows start from the same x_T."""
+    _, model, cfg = tiny
+    cfg = short(cfg)
+
+    def first_input(**kw):
+        sampler = _FirstInput(model, cfg, cfg.sample.cfg_scale, keep_maps=False)
+        sample.generate(model, cfg, torch.tensor([1, 2]), seed=9, sampler=sampler, **kw)
+        return sampler.x_T                                                  # (2B, C, H, W) under CFG
+
+    for kw, seeds in ((dict(indices=[4, 3]), [9_000_031, 9_000_030]), ({}, [9_000_027, 9_000_028])):
+        x_T = first_input(**kw)
+        for row, seed in enumerate(seeds):
+            want = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+            assert torch.equal(x_T[row:row + 1], want), (kw, seed)
+        assert torch.equal(x_T[2:], x_T[:2])
+
+
 def test_dit_checkpoint_samples_a_grid_and_refuses_tail_dropping(tmp_path, capsys):
     path = make_checkpoint(tmp_path / "dit.pt", TINY_DIT)
     sample.main(["--ckpt", path, "--out-dir", str(tmp_path), "--class-labels", "1", "2", "--device", "cpu"])

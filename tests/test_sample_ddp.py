@@ -12,6 +12,8 @@ from PIL import Image
 
 import sample_ddp
 from config import main_guard
+from data import to_uint8_images
+from sample import class_labels, generate
 from test_sample import TINY_DIT, make_checkpoint
 from tools.flops import dcdit_flops_coeffs, tflops_from_counts
 
@@ -67,6 +69,19 @@ def test_outputs_follow_adm_layout(uninterrupted):
         assert stats["cond"]["mean"] == pytest.approx(kept[s, :N].mean())
         assert stats["uncond"]["max"] == kept[s, N:].max()
     assert report["params"] > 0 and report["tflops_per_img"] > 0
+
+
+def test_png_i_is_what_sample_py_draws_for_image_i_alone(ckpt, uninterrupted):
+    """PNG i of a batched run is generate() of index i alone, labelled class_labels(seed, [i]): both scripts map
+    image i to (seed, i). Index 3 opens the second batch of 3 and 6 is alone in the last one, so an index
+    shifted by one, or counted within its batch, draws another image (all N differ)."""
+    out, _, report = uninterrupted
+    model, cfg = sample_ddp.load_model_for_sampling(
+        argparse.Namespace(config=None, overrides=[], dry_run=False), ckpt)
+    for i in (3, 6):
+        labels = class_labels(report["seed"], [i], cfg.model.num_classes)                 # (1,)
+        want = to_uint8_images(generate(model, cfg, labels, seed=report["seed"], indices=[i]))[0]  # (H, W, 3)
+        assert np.array_equal(np.asarray(Image.open(out / f"{i:06d}.png")), want), i
 
 
 def test_two_processes_give_the_same_images_as_one(ckpt, uninterrupted, tmp_path):

@@ -103,3 +103,52 @@ def test_ratio_target_ramp():
                                                        "model.downsample_factor=4.0"])
     assert train.ratio_target(cfg, 0) == 2.0 and train.ratio_target(cfg, 50) == 3.0
     assert train.ratio_target(cfg, 100) == 4.0 and train.ratio_target(cfg, 1000) == 4.0
+
+
+def test_update_ema_is_decay_times_old_plus_one_minus_decay_times_new():
+    """ema <- decay * ema + (1 - decay) * model, exactly; a frozen parameter of the model is never averaged."""
+    import train
+    model, ema = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[4.0, -2.0]]))
+        model.bias.fill_(10.0)
+        ema.weight.copy_(torch.tensor([[2.0, 6.0]]))
+        ema.bias.fill_(1.0)
+    model.bias.requires_grad_(False)
+    train.update_ema(ema, model, 0.5)
+    assert ema.weight.tolist() == [[3.0, 2.0]]        # 0.5 * (2, 6) + 0.5 * (4, -2)
+    assert ema.bias.tolist() == [1.0]                 # frozen in the model: the EMA keeps its own value
+    train.update_ema(ema, model, 0.75)
+    assert ema.weight.tolist() == [[3.25, 1.0]]       # 0.75 * (3, 2) + 0.25 * (4, -2)
+
+
+def _train_two_steps(feature_dir, results, decay):
+    """A 2-step tiny DC-DiT run with train.ema_decay=decay -> (its final checkpoint, the run's config)."""
+    from config import load_config
+    run_script(["train.py", "--config", "configs/tiny/test-dcdit.yaml", f"data.feature_path={feature_dir}",
+                "train.max_steps=2", "train.log_every=2", f"train.ema_decay={decay}", f"train.results_dir={results}"])
+    run = only_run(results)
+    ck = torch.load(os.path.join(run, "checkpoints", "0000002.pt"), weights_only=True)
+    return ck, load_config(os.path.join(run, "config.yaml"))
+
+
+def test_ema_decay_zero_makes_the_ema_the_trained_weights(feature_dir, tmp_path):
+    """train.ema_decay is the decay train.py applies: at 0 the saved EMA is exactly the model."""
+    ck, _ = _train_two_steps(feature_dir, tmp_path, 0.0)
+    assert ck["ema"].keys() == ck["model"].keys()
+    for key, value in ck["model"].items():
+        assert torch.equal(ck["ema"][key], value), key
+
+
+def test_ema_decay_one_keeps_the_initial_weights(feature_dir, tmp_path):
+    """At decay 1 the saved EMA is the initial model: train.py seeds torch with train.seed and builds the model
+    before anything else draws, so a model built the same way here is that reference."""
+    from models import create_model
+    ck, cfg = _train_two_steps(feature_dir, tmp_path, 1.0)
+    torch.manual_seed(cfg.train.seed)
+    init = create_model(cfg.model, cfg.dydit).state_dict()
+    assert ck["ema"].keys() == init.keys()
+    for key, value in init.items():
+        assert torch.equal(ck["ema"][key], value), key
+    moved = [k for k, v in init.items() if not torch.equal(ck["model"][k], v)]
+    assert len(moved) > len(init) // 2, moved  # training did change the weights the EMA ignored
