@@ -78,6 +78,7 @@ def test_png_i_is_what_sample_py_draws_for_image_i_alone(ckpt, uninterrupted):
     out, _, report = uninterrupted
     model, cfg = sample_ddp.load_model_for_sampling(
         argparse.Namespace(config=None, overrides=[], dry_run=False), ckpt)
+    cfg.sample.cfg_scale = report["cfg_scale"]  # sample_ddp.py guides at its FID scale
     for i in (3, 6):
         labels = class_labels(report["seed"], [i], cfg.model.num_classes)                 # (1,)
         want = to_uint8_images(generate(model, cfg, labels, seed=report["seed"], indices=[i]))[0]  # (H, W, 3)
