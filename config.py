@@ -31,9 +31,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import yaml
 
 # Allowed values of the string-choice fields; scripts may reuse them as argparse `choices`.
-ROUTERS = ("cosine", "predictability", "random")  # paper §3.3 | authors' release | ablation §4.3
 RESIDUAL_INITS = ("xavier", "zero")  # residual_proj weight: what the release trains | H-Net's zero init
-ROUTER_BIAS_INITS = ("release", "target")  # predictability router's last bias: -1.1 | logit(1/N)
 ATTENTION_KINDS = ("packed", "padded")
 NOISE_SCHEDULES = ("linear", "cosine")
 DATA_KINDS = ("features", "digits")
@@ -70,14 +68,16 @@ class ModelConfig:
     # DC-DiT only (ignored for DiT names)
     encoder_width: Optional[int] = None   # None -> hidden_size // 4
     norm_groups: int = 32                 # GroupNorm groups in the conv encoder/decoder (§3.2)
-    router: str = "cosine"                # "cosine" (§3.3) | "predictability" (authors' release) | "random" (§4.3)
+    router: str = "cosine"                # a key of models.routers.ROUTERS: "cosine" (§3.3) | "predictability"
+                                          # (authors' release) | "random" (§4.3)
+    router_args: dict[str, Any] = field(default_factory=dict)  # the router's own options, e.g. {bias_init: target}
     downsample_factor: float = 4.0        # N, target compression of the ratio loss (must be > 1)
+    dechunker: str = "gaussian"           # a key of models.chunking.DECHUNKERS: "gaussian" (§3.4) | "nearest"
     dechunk_sigma: float = 1.0            # Gaussian smoothing sigma in grid units (2.0 at 512px)
     pos_scale: float = 1.0                # scale of kept tokens' (row, col) before the sin-cos embedding
     cond_adaptor: bool = False            # LayerNorm adaptor on c in encoder/decoder (upcycling, §4.4)
     inner_norm: bool = True               # RMSNorm after the last inner block, before de-chunking (release, H-Net)
     residual_init: str = "xavier"         # residual_proj weight: "xavier" (what the release trains) | "zero" (H-Net)
-    router_bias_init: str = "release"     # predictability router's last bias: "release" (-1.1) | "target" (logit 1/N)
     attention: str = "packed"             # "packed" | "padded"
     grad_checkpointing: bool = False
 
@@ -197,6 +197,8 @@ def _describe(tp: Any) -> str:
         return f"{_describe(inner)} or null"
     if get_origin(tp) is list:
         return f"a list of {_describe(get_args(tp)[0])}"
+    if get_origin(tp) is dict:
+        return "a mapping of option: value"
     return tp.__name__
 
 
@@ -225,6 +227,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise _type_error(key, tp, value)
         (elem,) = get_args(tp)
         return [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+    if get_origin(tp) is dict:
+        # Options of a registered component (e.g. model.router_args): plain YAML data under string keys; the
+        # component's registry checks the keys and value types.
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise _type_error(key, tp, value)
+        for k, v in value.items():
+            if not isinstance(v, (str, int, float, bool, list, type(None))):
+                raise ConfigError(f"{key}.{k}: expected a YAML scalar or list, got {type(v).__name__}")
+        return dict(value)
     if tp is bool and isinstance(value, bool):
         return value
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
@@ -469,10 +480,16 @@ def validate(cfg: Config) -> None:
             _require(m.hidden_size % m.norm_groups == 0, "model.hidden_size",
                      f"a multiple of model.norm_groups={m.norm_groups} (GroupNorm in the encoder/decoder)",
                      m.hidden_size)
-    _require(m.router in ROUTERS, "model.router", f"one of {ROUTERS}", m.router)
+    # The registries are the lists of choices: a new router or de-chunker needs no edit here.
+    from models.chunking import DECHUNKERS
+    from models.routers import ROUTERS, RouterArgsError, check_router_args
+    _require(m.router in ROUTERS, "model.router", f"one of {tuple(ROUTERS)}", m.router)
+    try:
+        check_router_args(m.router, m.router_args)
+    except RouterArgsError as e:
+        raise ConfigError(str(e)) from None
+    _require(m.dechunker in DECHUNKERS, "model.dechunker", f"one of {tuple(DECHUNKERS)}", m.dechunker)
     _require(m.residual_init in RESIDUAL_INITS, "model.residual_init", f"one of {RESIDUAL_INITS}", m.residual_init)
-    _require(m.router_bias_init in ROUTER_BIAS_INITS, "model.router_bias_init", f"one of {ROUTER_BIAS_INITS}",
-             m.router_bias_init)
     # N = 1 makes the ratio loss's N/(N-1) infinite and means no compression at all (§3.5).
     _require(m.downsample_factor > 1.0, "model.downsample_factor", "> 1 (target compression N)",
              m.downsample_factor)

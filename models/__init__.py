@@ -35,11 +35,11 @@ def create_model(model_cfg, dydit_cfg=None):
     if name in DCDiT_models:
         return DCDiT_models[name](
             **common, encoder_width=model_cfg.encoder_width, norm_groups=model_cfg.norm_groups,
-            router=model_cfg.router, downsample_factor=model_cfg.downsample_factor,
-            dechunk_sigma=model_cfg.dechunk_sigma, pos_scale=model_cfg.pos_scale,
+            router=model_cfg.router, router_args=model_cfg.router_args, downsample_factor=model_cfg.downsample_factor,
+            dechunker=model_cfg.dechunker, dechunk_sigma=model_cfg.dechunk_sigma, pos_scale=model_cfg.pos_scale,
             cond_adaptor=model_cfg.cond_adaptor, attention=model_cfg.attention, dydit=dydit,
             dydit_tau=dydit_cfg.tau if dydit else 5.0, inner_norm=model_cfg.inner_norm,
-            residual_init=model_cfg.residual_init, router_bias_init=model_cfg.router_bias_init)
+            residual_init=model_cfg.residual_init)
     choices = ", ".join(list(DiT_models) + list(DCDiT_models))
     raise ModelConfigError(f"model.name {name!r} is not a known model; expected one of: {choices}")
 

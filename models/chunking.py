@@ -1,8 +1,10 @@
-"""Chunk and de-chunk (paper §3.3 "Batched chunking and padding", §3.4; DESIGN.md §4).
+"""Chunk and de-chunk (paper §3.3 "Batched chunking and padding", §3.4).
 
 chunk gathers each sample's boundary tokens, in raster order, into a batch padded to Mmax;
 dechunk blends the processed boundary tokens with a confidence-weighted Gaussian kernel on the
 (row, col) grid and plugs every one of the L positions back from its nearest kept token.
+De-chunkers are modules in the DECHUNKERS registry (`model.dechunker`), built as `Dechunker(sigma)`
+with forward(z (B, Mmax, D), prob (B, L), idx, valid (B, Mmax), grid) -> (B, L, D) float32.
 
 Padding slots exist only to give the batch a rectangular shape. They are masked out of smoothing
 and plug-back here (and out of attention by the caller), so a sample's output never depends on
@@ -12,14 +14,14 @@ what else is in its batch. Memory stays O(B * L * Mmax): no (L, L) tensor is eve
 from typing import Tuple
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 _P_MIN = 1e-4  # p clamp of §3.4 (authors' release): keeps (1 - p) and the kernel weights non-zero
 _NORM_EPS = 1e-8  # guard of the kernel normalisation (authors' release)
 # Kernel weights below exp(-69) ~ 1e-30 are set to exactly 0. Against the self weight K_ii p_i >= 1e-4 of every
 # normaliser they are 1e-26 relative, far below float32 (and float64) resolution, so no result changes; left in,
-# weights under 1.2e-38 are denormal floats, which x86 multiplies ~13x slower (the smoothing bmm at B, M = 256
-# took 6.8 ms instead of 0.52 ms with 5% of the kernel denormal).
+# weights under 1.2e-38 are denormal floats, which x86 multiplies many times slower (docs/performance.md).
 _KERNEL_LOG_FLOOR = -69.0
 
 
@@ -153,3 +155,42 @@ def dechunk(z: Tensor, prob: Tensor, idx: Tensor, valid: Tensor, grid: Tuple[int
         out = p * z + (1.0 - p) * smoothed  # (B, Mmax, D)
         slot = plug_back_index(idx, valid, grid)  # (B, L)
         return gather_rows(out, slot)  # (B, L, D)
+
+
+class GaussianDechunk(nn.Module):
+    """The paper's de-chunking (§3.4): `dechunk` with the grid-unit kernel width sigma (1.0 at 256px)."""
+
+    def __init__(self, sigma: float = 1.0):
+        super().__init__()
+        if not sigma > 0:
+            raise ValueError(f"dechunk sigma must be > 0, got {sigma}")
+        self.sigma = float(sigma)
+
+    def forward(self, z: Tensor, prob: Tensor, idx: Tensor, valid: Tensor, grid: Tuple[int, int]) -> Tensor:
+        return dechunk(z, prob, idx, valid, grid, self.sigma)  # (B, L, D) fp32
+
+
+class NearestDechunk(nn.Module):
+    """Plug-back alone (an ablation of §3.4): every position copies its nearest kept token, no smoothing and no
+    confidence mixing, so p reaches the loss only through the STE gate. sigma is unused."""
+
+    def __init__(self, sigma: float = 1.0):
+        super().__init__()
+
+    def forward(self, z: Tensor, prob: Tensor, idx: Tensor, valid: Tensor, grid: Tuple[int, int]) -> Tensor:
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            slot = plug_back_index(idx, valid, grid)  # (B, L)
+            return gather_rows(z.float(), slot)  # (B, L, D)
+
+
+DECHUNKERS = {
+    "gaussian": GaussianDechunk,  # §3.4: Gaussian smoothing then nearest plug-back
+    "nearest": NearestDechunk,    # ablation: nearest plug-back only
+}
+
+
+def build_dechunker(name: str, sigma: float) -> nn.Module:
+    if name not in DECHUNKERS:
+        raise ValueError(f"model.dechunker: unknown de-chunker {name!r}; expected one of {', '.join(DECHUNKERS)}")
+    return DECHUNKERS[name](sigma)
+

@@ -1,6 +1,7 @@
-"""DC-DiT: the Dynamic Chunking Diffusion Transformer (paper §3, DESIGN.md §3).
+"""DC-DiT: the Dynamic Chunking Diffusion Transformer (paper §3).
 
-encoder -> router -> chunk -> DiT blocks on the kept tokens -> dechunk -> residual -> decoder.
+condition -> encode -> route -> chunk -> process (DiT blocks on the kept tokens) -> dechunk -> decode:
+one method per stage, and `forward` runs them in that order.
 The inner blocks, t_embedder and y_embedder are DiT's modules under DiT's names, so a public DiT
 checkpoint's `blocks.*` load straight into `blocks.*` here (upcycling, §4.4).
 """
@@ -9,15 +10,18 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import TokenLayout
-from .chunking import chunk, dechunk, grid_coords
+from .chunking import build_dechunker, grid_coords
+from .chunking import chunk as chunk_tokens
 from .dit import (DIT_SIZES, DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, guided_eps, init_conditioning,
-                  init_linears, run_blocks)
-from .dydit import DyDiTBlock, DyDiTInfo, run_dydit_blocks
+                  init_linears)
+from .dydit import DyDiTBlock, DyDiTInfo, GateTally
 from .isotropic import RMS_EPS, Decoder, Encoder
 from .pos_embed import sincos_2d
-from .routing import RouterOutput, build_router
+from .routers import build_router
+from .routing import RouterOutput
 from .routing import tail_drop as drop_lowest_boundaries
 
 Fraction = Union[float, torch.Tensor]
@@ -62,15 +66,24 @@ class ChunkInfo:
     dydit: Optional[DyDiTInfo] = None
 
 
+@dataclass
+class Chunks:
+    """The kept tokens of a batch as the inner blocks take them (`DCDiT.chunk`)."""
+    tokens: torch.Tensor   # (T, D) packed, or (B, Mmax, D) padded; kept tokens plus their positions
+    layout: TokenLayout    # how tokens are laid out (cu_seqlens, valid)
+    idx: torch.Tensor      # (B, Mmax) long raster position of each slot (padding slots included)
+    valid: torch.Tensor    # (B, Mmax) bool, real kept tokens
+
+
 class DCDiT(nn.Module):
     def __init__(self, input_size: int = 32, in_channels: int = 4, hidden_size: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, learn_sigma: bool = True, encoder_width: Optional[int] = None,
-                 norm_groups: int = 32, router: str = "cosine", downsample_factor: float = 4.0,
-                 dechunk_sigma: float = 1.0, pos_scale: float = 1.0, cond_adaptor: bool = False,
-                 attention: str = "packed", grad_checkpointing: bool = False, dydit: bool = False,
-                 dydit_tau: float = 5.0, inner_norm: bool = True, residual_init: str = "xavier",
-                 router_bias_init: str = "release"):
+                 norm_groups: int = 32, router: str = "cosine", router_args: Optional[dict] = None,
+                 downsample_factor: float = 4.0, dechunker: str = "gaussian", dechunk_sigma: float = 1.0,
+                 pos_scale: float = 1.0, cond_adaptor: bool = False, attention: str = "packed",
+                 grad_checkpointing: bool = False, dydit: bool = False, dydit_tau: float = 5.0,
+                 inner_norm: bool = True, residual_init: str = "xavier"):
         super().__init__()
         if attention not in ("packed", "padded"):
             raise ValueError(f"attention must be 'packed' or 'padded', got {attention!r}")
@@ -99,7 +112,7 @@ class DCDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.encoder = Encoder(in_channels, width, hidden_size, norm_groups, cond_adaptor)
-        self.router = build_router(router, hidden_size, downsample_factor, bias_init=router_bias_init)
+        self.router = build_router(router, hidden_size, downsample_factor, **(router_args or {}))
         if dydit:  # DyDiT gates on the inner blocks (§4.5); same parameter names plus the routers
             blocks = [DyDiTBlock(hidden_size, num_heads, mlp_ratio, tau=dydit_tau) for _ in range(depth)]
         else:
@@ -108,16 +121,18 @@ class DCDiT(nn.Module):
         # The inner stack ends with an RMSNorm before de-chunking, as H-Net's isotropic stack and the authors'
         # release: it sets the scale of the de-chunked path against residual_proj(enc) in the sum of §3.1.
         self.inner_norm = nn.RMSNorm(hidden_size, eps=RMS_EPS) if inner_norm else None
+        self.dechunker = build_dechunker(dechunker, dechunk_sigma)
         self.residual_proj = nn.Linear(hidden_size, hidden_size)
         self.decoder = Decoder(width, hidden_size, norm_groups, cond_adaptor)
         self.final_layer = FinalLayer(width, 1, self.out_channels, cond_size=hidden_size)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        # Linear layers as DiT, except the router's identity-initialised projections (`_no_reinit`). That
-        # includes residual_proj: the authors' release flags it zero-initialised like H-Net, but its later
-        # DiT-style init pass overwrites the zero with xavier, and that is the network behind the paper's numbers.
-        init_linears(self)
+        # Every Linear as DiT (xavier, zero bias), the router excepted: it owns its initialisation. That includes
+        # residual_proj: the authors' release flags it zero-initialised like H-Net, but its later DiT-style init
+        # pass overwrites the zero with xavier, and that is the network behind the paper's numbers.
+        init_linears(self, exclude=self.router)
+        self.router.reset_parameters()
         if self.residual_init == "zero":
             # H-Net's choice: the decoder first sees only the de-chunked features.
             nn.init.zeros_(self.residual_proj.weight)
@@ -133,11 +148,75 @@ class DCDiT(nn.Module):
             if isinstance(block, DyDiTBlock):
                 block.reset_gates()
 
-    def pos_embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, Mmax) raster positions -> (B, Mmax, D) sin-cos at each kept token's own (row, col).
+    # ---- the stages of §3, in order (forward runs them; benchmarks, FLOP counting and distillation call them)
 
-        Rows of `pos_table`, the formula evaluated once at every grid position (at construction, with
-        pos_scale): a gather instead of B * Mmax * D sines and cosines per forward."""
+    def condition(self, t: torch.Tensor, y: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None):
+        """Timestep and class -> (c, t_emb), each (B, D). DyDiT's width gates read t_emb alone."""
+        t_emb = self.t_embedder(t)                                               # (B, D)
+        return t_emb + self.y_embedder(y, self.training, force_drop_ids), t_emb  # (B, D), (B, D)
+
+    def encode(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, H, W) -> encoder tokens (B, L, D) on the full grid (§3.2)."""
+        if x.shape[-2:] != self.grid:
+            raise ValueError(f"input grid {tuple(x.shape[-2:])} does not match the model's {self.grid}")
+        return self.encoder(x, c)                                                # (B, L, D)
+
+    def route(self, enc: torch.Tensor, tail_drop: Fraction = 0.0) -> RouterOutput:
+        """Boundary probabilities and decisions (§3.3), then elastic tail dropping (f: float or (B,))."""
+        r = self.router(enc, self.grid)                                          # RouterOutput, each (B, L)
+        if torch.is_tensor(tail_drop) or tail_drop > 0:
+            r.mask = drop_lowest_boundaries(r.prob, r.natural_mask, tail_drop)  # (B, L)
+        return r
+
+    def chunk(self, enc: torch.Tensor, r: RouterOutput) -> Chunks:
+        """Kept tokens in raster order (§3.3), each plus the sin-cos of its own (row, col), laid out for the
+        inner blocks: packed (T, D) with no padding anywhere, or padded (B, Mmax, D) with a key mask."""
+        z, valid, idx, counts = chunk_tokens(enc, r.mask, r.prob, return_counts=True)  # (B, Mmax, D), (B, Mmax) x2
+        z = z + self.pos_embed(idx).to(z.dtype)                                  # (B, Mmax, D)
+        layout = TokenLayout.build(valid, self.packed, counts)                   # no further host sync
+        return Chunks(layout.pack(z), layout, idx, valid)                        # (T, D) | (B, Mmax, D)
+
+    def process(self, h: torch.Tensor, c: torch.Tensor, t_emb: torch.Tensor, layout: TokenLayout,
+                collect: Optional[list] = None):
+        """The inner DiT blocks on the kept tokens, then the inner stack's RMSNorm -> (h, DyDiTInfo | None).
+
+        collect: a list that receives every block's output unpacked to (B, Mmax, D) (activation distillation).
+        """
+        tally = GateTally(layout, c) if self.dydit else None
+        for block in self.blocks:
+            args = (h, c, layout, t_emb) if tally is not None else (h, c, layout)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                res = checkpoint(block, *args, use_reentrant=False)
+            else:
+                res = block(*args)
+            if tally is not None:
+                h, head, group, token = res                                      # same shape; DyDiT's gates
+                tally.add(block.dims, head, group, token)
+            else:
+                h = res                                                          # same shape
+            if collect is not None:
+                collect.append(layout.unpack(h))                                 # (B, Mmax, D)
+        if self.inner_norm is not None:
+            h = self.inner_norm(h)                                               # same shape
+        return h, (tally.info() if tally is not None else None)
+
+    def dechunk(self, h: torch.Tensor, r: RouterOutput, chunks: Chunks) -> torch.Tensor:
+        """Processed kept tokens -> every grid position (§3.4), in fp32: (B, L, D)."""
+        z = chunks.layout.unpack(h)                                              # (B, Mmax, D)
+        return self.dechunker(z, r.prob, chunks.idx, chunks.valid, self.grid)    # (B, L, D) fp32
+
+    def decode(self, u: torch.Tensor, enc: torch.Tensor, r: RouterOutput, c: torch.Tensor) -> torch.Tensor:
+        """u * STE(selected) + residual_proj(enc) (§3.1, H-Net), then the decoder and DiT's final layer."""
+        u = ste_gate(u, r.selected).to(enc.dtype)                                # (B, L, D)
+        u = u + self.residual_proj(enc)                                          # (B, L, D)
+        h = self.decoder(u, c, self.grid)                                        # (B, L, E)
+        h = self.final_layer(h, c)                                               # (B, L, out)
+        B, L, C = h.shape
+        return h.transpose(1, 2).reshape(B, C, *self.grid)                       # (B, out, H, W)
+
+    def pos_embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, Mmax) raster positions -> (B, Mmax, D) sin-cos at each kept token's own (row, col): rows of
+        `pos_table`, the formula evaluated once at every grid position (with pos_scale)."""
         B, m_max = idx.shape
         return self.pos_table.index_select(0, idx.reshape(-1)).view(B, m_max, -1)  # (B, Mmax, D)
 
@@ -150,47 +229,22 @@ class DCDiT(nn.Module):
         collect_blocks: also return every inner block's output in ChunkInfo (needs return_info=True);
         activation distillation compares them with a teacher DiT's (§4.4).
         """
-        if x.shape[-2:] != self.grid:
-            raise ValueError(f"input grid {tuple(x.shape[-2:])} does not match the model's {self.grid}")
         if collect_blocks and not return_info:
             raise ValueError("collect_blocks=True returns the block outputs in ChunkInfo: pass return_info=True")
-        t_emb = self.t_embedder(t)                                               # (B, D)
-        c = t_emb + self.y_embedder(y, self.training, force_drop_ids)            # (B, D)
-        enc = self.encoder(x, c)                                                 # (B, L, D)
-        r = self.router(enc, self.grid)                                          # RouterOutput, each (B, L)
-        if torch.is_tensor(tail_drop) or tail_drop > 0:
-            r.mask = drop_lowest_boundaries(r.prob, r.natural_mask, tail_drop)  # (B, L)
-        z, valid, idx, counts = chunk(enc, r.mask, r.prob, return_counts=True)  # (B, Mmax, D), (B, Mmax) x2, B ints
-        z = z + self.pos_embed(idx).to(z.dtype)                                  # (B, Mmax, D)
-        layout = TokenLayout.build(valid, self.packed, counts)                   # no further host sync
-        h = layout.pack(z)                                                       # (T, D) packed | (B, Mmax, D)
-        collected, dyn = None, None
-        if self.dydit:  # DyDiT's width gates read the timestep embedding alone (timestep-wise width)
-            collected = [] if collect_blocks else None
-            h, dyn = run_dydit_blocks(self.blocks, h, c, t_emb, layout, self.grad_checkpointing, collected)
-        elif collect_blocks:
-            collected = []
-            for block in self.blocks:
-                h = run_blocks([block], h, c, layout, self.grad_checkpointing)  # same shape
-                collected.append(layout.unpack(h))                               # (B, Mmax, D)
-        else:
-            h = run_blocks(self.blocks, h, c, layout, self.grad_checkpointing)  # same shape
-        if self.inner_norm is not None:
-            h = self.inner_norm(h)                                               # same shape
-        z = layout.unpack(h)                                                     # (B, Mmax, D)
-        u = dechunk(z, r.prob, idx, valid, self.grid, self.dechunk_sigma)       # (B, L, D) fp32
-        u = ste_gate(u, r.selected).to(enc.dtype)                                # (B, L, D)
-        u = u + self.residual_proj(enc)                                          # (B, L, D)
-        h = self.decoder(u, c, self.grid)                                        # (B, L, E)
-        h = self.final_layer(h, c)                                               # (B, L, out)
-        B, L, C = h.shape
-        out = h.transpose(1, 2).reshape(B, C, *self.grid)                        # (B, out, H, W)
-        if return_info:
-            info = ChunkInfo(router=r, kept=valid.sum(1), grid=self.grid, dydit=dyn)
-            if collect_blocks:
-                info.blocks, info.idx, info.valid = collected, idx, valid
-            return out, info
-        return out
+        c, t_emb = self.condition(t, y, force_drop_ids)                          # (B, D) x2
+        enc = self.encode(x, c)                                                  # (B, L, D)
+        r = self.route(enc, tail_drop)                                           # RouterOutput, each (B, L)
+        chunks = self.chunk(enc, r)                                              # (T, D) | (B, Mmax, D)
+        collected = [] if collect_blocks else None
+        h, dyn = self.process(chunks.tokens, c, t_emb, chunks.layout, collected)  # same shape
+        u = self.dechunk(h, r, chunks)                                           # (B, L, D) fp32
+        out = self.decode(u, enc, r, c)                                          # (B, out, H, W)
+        if not return_info:
+            return out
+        info = ChunkInfo(router=r, kept=chunks.valid.sum(1), grid=self.grid, dydit=dyn)
+        if collect_blocks:
+            info.blocks, info.idx, info.valid = collected, chunks.idx, chunks.valid
+        return out, info
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
                          guide_channels: int = 3, tail_drop: Fraction = 0.0,

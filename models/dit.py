@@ -152,14 +152,14 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, layout: 
     return x
 
 
-def init_linears(model: nn.Module) -> None:
-    """Every Linear: xavier-uniform weight, zero bias (DiT's transformer default), except tensors flagged
-    `_no_reinit` (identity-initialised router projections, zero residual_proj: H-Net's convention)."""
+def init_linears(model: nn.Module, exclude: Optional[nn.Module] = None) -> None:
+    """Every Linear: xavier-uniform weight, zero bias (DiT's transformer default). Modules inside `exclude` are
+    left alone: they own their initialisation (DC-DiT's router)."""
+    skip = set(exclude.modules()) if exclude is not None else set()
     for m in model.modules():
-        if isinstance(m, nn.Linear):
-            if not getattr(m.weight, "_no_reinit", False):
-                nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None and not getattr(m.bias, "_no_reinit", False):
+        if isinstance(m, nn.Linear) and m not in skip:
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
 

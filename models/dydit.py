@@ -39,7 +39,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from .attention import TokenLayout, _packed_attention
 from .checkpoint_io import model_state, read_checkpoint
@@ -386,44 +385,43 @@ class DyDiTInfo:
         return self.flops / self.static_flops
 
 
-def run_dydit_blocks(blocks: Sequence[DyDiTBlock], x: Tensor, c: Tensor, t_emb: Tensor, layout: TokenLayout,
-                     grad_checkpointing: bool = False, collect: Optional[list] = None) -> Tuple[Tensor, DyDiTInfo]:
-    """Apply DyDiT blocks in order; returns the output and the forward's DyDiTInfo.
+class GateTally:
+    """The gate decisions and FLOPs of one forward's DyDiT blocks, block by block -> DyDiTInfo.
 
-    collect: a list to receive every block's output unpacked to (B, Mmax, D) (activation distillation).
+    DCDiT.process calls `add` after each block; `info()` is what the forward returns in ChunkInfo.dydit.
     """
-    B = c.shape[0]
-    kept = layout.valid.sum(1)                                                   # (B,)
-    M = kept.float()
-    heads, groups, tokens, flops = [], [], [], torch.zeros(B, device=c.device)
-    static = torch.zeros(B, device=c.device)
-    gated = True
-    for block in blocks:
-        if grad_checkpointing and torch.is_grad_enabled():
-            x, head, group, token = checkpoint(block, x, c, layout, t_emb, use_reentrant=False)
-        else:
-            x, head, group, token = block(x, c, layout, t_emb)
-        if collect is not None:
-            collect.append(layout.unpack(x))                                     # (B, Mmax, D)
-        dims = block.dims
+
+    def __init__(self, layout: TokenLayout, c: Tensor):
+        self.layout = layout
+        self.B, self.device = c.shape[0], c.device
+        self.kept = layout.valid.sum(1)                                          # (B,)
+        self.heads, self.groups, self.tokens = [], [], []
+        self.flops = torch.zeros(self.B, device=self.device)
+        self.static = torch.zeros(self.B, device=self.device)
+        self.gated = True
+
+    def add(self, dims: BlockDims, head: Optional[Tensor], group: Optional[Tensor], token: Optional[Tensor]) -> None:
+        M = self.kept.float()                                                    # (B,)
         if head is None:  # static execution: every gate on, no routers
-            head = group = torch.ones(B, dims.heads, device=c.device)           # (B, H)
+            head = group = torch.ones(self.B, dims.heads, device=self.device)   # (B, H)
             run = M                                                              # (B,)
-            flops = flops + static_block_flops(dims, M)
-            gated = False
+            self.flops = self.flops + static_block_flops(dims, M)
+            self.gated = False
         else:
-            if layout.packed:
-                run = torch.zeros(B, device=c.device).index_add(0, layout.batch_idx, token.float())  # (B,)
+            if self.layout.packed:
+                run = torch.zeros(self.B, device=self.device).index_add(0, self.layout.batch_idx, token.float())
             else:
-                run = (token.float() * layout.valid).sum(1)                      # (B,)
-            flops = flops + block_flops(dims, M, head.sum(1), group.sum(1), run)
-        static = static + static_block_flops(dims, M)
-        heads.append(head)
-        groups.append(group)
-        tokens.append(run)
-    info = DyDiTInfo(heads=torch.stack(heads, 1), groups=torch.stack(groups, 1), tokens=torch.stack(tokens, 1),
-                     kept=kept, flops=flops, static_flops=static, gated=gated)
-    return x, info
+                run = (token.float() * self.layout.valid).sum(1)                 # (B,)
+            self.flops = self.flops + block_flops(dims, M, head.sum(1), group.sum(1), run)
+        self.static = self.static + static_block_flops(dims, M)
+        self.heads.append(head)
+        self.groups.append(group)
+        self.tokens.append(run)
+
+    def info(self) -> "DyDiTInfo":
+        return DyDiTInfo(heads=torch.stack(self.heads, 1), groups=torch.stack(self.groups, 1),
+                         tokens=torch.stack(self.tokens, 1), kept=self.kept, flops=self.flops,
+                         static_flops=self.static, gated=self.gated)
 
 
 def flops_ratio(info: DyDiTInfo, dcdit_coeffs: Optional[Sequence[float]] = None) -> Tensor:

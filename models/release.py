@@ -143,7 +143,7 @@ def release_to_config(record: ReleaseRecord, path: str = "release checkpoint") -
                       class_dropout_prob=float(training.get("class_dropout_prob", 0.1)),
                       learn_sigma=bool(training.get("learn_sigma", True)), depth=depth, hidden_size=hidden,
                       num_heads=heads, mlp_ratio=float(model.get("mlp_ratio", 4.0)), encoder_width=width,
-                      norm_groups=32, router="predictability", router_bias_init="release", downsample_factor=n,
+                      norm_groups=32, router="predictability", downsample_factor=n,
                       dechunk_sigma=float(hnet.get("dechunk_kernel_sigma", 1.0)), inner_norm=True,
                       residual_init="xavier", attention="packed"),
         "diffusion": dict(diffusion_steps=int(diffusion.get("diffusion_steps", 1000)),

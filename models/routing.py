@@ -1,30 +1,24 @@
-"""Routers of the chunking layer (paper §3.3), tail dropping, the ratio loss (§3.5), statistics.
+"""What every router of the chunking layer shares (paper §3.3), tail dropping, the ratio loss (§3.5), statistics.
 
-A router scores every one of the L = H * W encoder tokens with a boundary probability p; tokens with
-p > 0.5 are boundary tokens and go through the inner DiT blocks, the rest are reconstructed by the
-de-chunking layer (models/chunking.py). Three routers share one post-processing step
-(`_finish_routing`): the first and last raster tokens are forced to p = 1 so every sample keeps at
-least two tokens, the hard mask is p > 0.5 (ties go to "not a boundary", as in H-Net), and
-`selected` is the probability of the decision actually taken, which the straight-through gate of
-§3.1 multiplies into the de-chunked output so the diffusion loss reaches p.
+A router scores each of the L = H * W encoder tokens with a boundary probability p; tokens with p > 0.5
+are boundary tokens and go through the inner DiT blocks, the rest are rebuilt by the de-chunking layer
+(models/chunking.py). The routers themselves live in models/routers/, one file each, and all end in
+`finish_routing`: the first and last raster tokens are forced to p = 1 so every sample keeps at least two
+tokens, the hard mask is p > 0.5 (ties go to "not a boundary", as in H-Net), and `selected` is the
+probability of the decision actually taken, which the straight-through gate of §3.1 multiplies into the
+de-chunked output so the diffusion loss reaches p.
 
-All router arithmetic runs in float32 with autocast off: under bf16 training a probability near 0.5
-could otherwise round across the threshold and change which tokens the inner network sees.
+Router arithmetic runs in float32 with autocast off: under bf16 training a probability near 0.5 could
+otherwise round across the threshold and change which tokens the inner network sees.
 """
 
-import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
-
-
-# Initial output bias of the predictability router: the release's constant, or logit(1/N).
-ROUTER_BIAS_INITS = ("release", "target")
-RELEASE_ROUTER_BIAS = -1.1
 
 
 @dataclass
@@ -35,8 +29,8 @@ class RouterOutput:
     selected: Tensor      # (B, L) float32, p where natural_mask else 1 - p (STE gate, §3.1)
 
 
-def _check_grid(x: Tensor, grid: Tuple[int, int]) -> Tuple[int, int]:
-    """Validates x (B, L, D) against grid = (H, W) and returns (H, W)."""
+def check_grid(x: Tensor, grid: Tuple[int, int]) -> Tuple[int, int]:
+    """Validates a router's input x (B, L, D) against grid = (H, W) and returns (H, W)."""
     if x.dim() != 3:
         raise ValueError(f"router input x must be (B, L, D), got shape {tuple(x.shape)}")
     H, W = int(grid[0]), int(grid[1])
@@ -45,14 +39,14 @@ def _check_grid(x: Tensor, grid: Tuple[int, int]) -> Tuple[int, int]:
     return H, W
 
 
-def _check_downsample_factor(downsample_factor: float) -> float:
+def check_downsample_factor(downsample_factor: float) -> float:
     if not downsample_factor > 1:
         raise ValueError(f"downsample_factor N must be > 1 (target compression), got {downsample_factor}")
     return float(downsample_factor)
 
 
-def _finish_routing(prob: Tensor) -> RouterOutput:
-    """Shared by every router: force the endpoints, threshold at 0.5, build the STE gate.
+def finish_routing(prob: Tensor) -> RouterOutput:
+    """Every router's last step: force the endpoints, threshold at 0.5, build the STE gate. prob (B, L) fp32.
 
     Forcing the first and last raster tokens keeps M >= 2 for every sample (the authors' release
     does the same), so chunking never sees an empty sample.
@@ -67,188 +61,41 @@ def _finish_routing(prob: Tensor) -> RouterOutput:
     return RouterOutput(prob=prob, mask=natural_mask, natural_mask=natural_mask, selected=selected)
 
 
-def _safe_norm(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """max(|x|, 1e-12) over the last dim (F.normalize's eps: a zero vector has cosine 0 with everything)
-    and whether the clamp was inactive (the norm's gradient flows).
+class KeepExactly(nn.Module):
+    """Runs a router, then keeps exactly `kept` tokens per sample: the highest-p ones.
 
-    eps is a literal: torch.compile (2.14) fails on a module global or a default argument read inside an
-    autograd.Function's forward ("lift_tracked_freevar_to_input should not be called on root SubgraphTracer").
-    """
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (..., 1)
-    return norm.clamp_min(1e-12), norm >= 1e-12
-
-
-class _Normalize(torch.autograd.Function):
-    """F.normalize(x, dim=-1) with a hand-written backward: (g - x_hat <g, x_hat>) / |x| in two passes
-    over (B, L, D) instead of autograd's chain through the division and the norm."""
-
-    @staticmethod
-    def forward(ctx, x):
-        norm, live = _safe_norm(x)  # (..., 1) x2
-        x_hat = x / norm  # (..., D)
-        ctx.save_for_backward(x_hat, norm, live)
-        return x_hat
-
-    @staticmethod
-    def backward(ctx, g):
-        x_hat, norm, live = ctx.saved_tensors
-        radial = torch.linalg.vecdot(g, x_hat).unsqueeze(-1) * live  # (..., 1), 0 where the clamp held
-        return torch.addcmul(g, x_hat, radial, value=-1.0).div_(norm)  # (..., D)
-
-
-class _Cosine(torch.autograd.Function):
-    """<q / |q|, k / |k|> over the last dim (F.normalize's eps) from the norms, without normalised copies;
-    hand-written backward, two passes per input: dq = g / (|q||k|) k - g s / |q|^2 q, and symmetrically."""
-
-    @staticmethod
-    def forward(ctx, q, k):
-        q_norm, q_live = _safe_norm(q)  # (..., 1) x2
-        k_norm, k_live = _safe_norm(k)  # (..., 1) x2
-        s = torch.linalg.vecdot(q, k).unsqueeze(-1) / (q_norm * k_norm)  # (..., 1)
-        ctx.save_for_backward(q, k, q_norm, k_norm, q_live, k_live, s)
-        return s.squeeze(-1)  # (...)
-
-    @staticmethod
-    def backward(ctx, g):
-        q, k, q_norm, k_norm, q_live, k_live, s = ctx.saved_tensors
-        g = g.unsqueeze(-1)  # (..., 1)
-        cross = g / (q_norm * k_norm)  # (..., 1)
-        gs = g * s  # (..., 1)
-        dq = torch.addcmul(cross * k, q, gs * q_live / (q_norm * q_norm), value=-1.0)  # (..., D)
-        dk = torch.addcmul(cross * q, k, gs * k_live / (k_norm * k_norm), value=-1.0)  # (..., D)
-        return dq, dk
-
-
-class CosineRouter(nn.Module):
-    """The paper's router (§3.3): p_i = (1 - <q_i, k_bar_i>) / 2.
-
-    q and k are identity-initialised projections of the encoder output, l2-normalised; k_bar is the
-    l2-normalised 3x3 neighbourhood average of the keys (a depthwise conv initialised to 1/9, zero
-    padding), so s_i approximates the mean cosine similarity between a token and its neighbours.
-    A token unlike its neighbourhood gets p near 1 and is kept; a token like it is dropped.
-    At initialisation (identity projections, uniform average) the router is a pure local-novelty
-    detector, which is why those three weights are flagged `_no_reinit` for the model's init pass.
+    For measuring cost at a chosen M (FLOP counting, benchmarks): the real router's work, and in training
+    its gradient path through `selected`, stays in the step; only the decision is overridden. Ties in p go
+    to topk's order; the first and last raster tokens carry p = 1, so they are kept whenever M >= 2.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, router: nn.Module, kept: int):
         super().__init__()
-        self.dim = dim
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.k_avg = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=False)
-        with torch.no_grad():
-            self.q_proj.weight.copy_(torch.eye(dim))
-            self.k_proj.weight.copy_(torch.eye(dim))
-            self.k_avg.weight.fill_(1.0 / 9.0)
-        for weight in (self.q_proj.weight, self.k_proj.weight, self.k_avg.weight):
-            weight._no_reinit = True
+        self.router = router
+        self.kept = int(kept)
 
     def forward(self, x: Tensor, grid: Tuple[int, int]) -> RouterOutput:
-        H, W = _check_grid(x, grid)
-        B, L, D = x.shape
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            # q and k in one matmul (one GEMM and no gradient sum for x in the backward pass).
-            w = torch.cat([self.q_proj.weight, self.k_proj.weight]).float()  # (2D, D)
-            q, k = F.linear(x.float(), w).chunk(2, dim=-1)  # 2 x (B, L, D)
-            k = _Normalize.apply(k)  # (B, L, D)
-            # The (B, L, D) tokens are a channels-last (B, D, H, W) image as they are: no transposed copies,
-            # and the conv's channels-last output reads back as a contiguous (B, L, D).
-            k = k.view(B, H, W, D).permute(0, 3, 1, 2)  # (B, D, H, W) channels-last view
-            k_bar = F.conv2d(k, self.k_avg.weight.float(), padding=1, groups=D)  # (B, D, H, W)
-            k_bar = k_bar.permute(0, 2, 3, 1).reshape(B, L, D)  # (B, L, D)
-            s = _Cosine.apply(q, k_bar)  # (B, L)
-            prob = ((1.0 - s) / 2.0).clamp(0.0, 1.0)  # (B, L)
-            return _finish_routing(prob)
+        r = self.router(x, grid)
+        B, L = r.prob.shape
+        if not 1 <= self.kept <= L:
+            raise ValueError(f"kept tokens M must lie in [1, L={L}], got {self.kept}")
+        top = r.prob.detach().topk(self.kept, dim=1).indices  # (B, M)
+        mask = torch.zeros_like(r.mask).scatter(1, top, True)  # (B, L)
+        selected = torch.where(mask, r.prob, 1.0 - r.prob)  # (B, L)
+        return RouterOutput(prob=r.prob, mask=mask, natural_mask=mask, selected=selected)
 
 
-class PredictabilityRouter(nn.Module):
-    """The router of the authors' public release: how badly a token is predicted by its context.
-
-    z = Conv1x1(D -> D/4)(x); r = z - Conv3x3(z) is the residual of predicting each token from its
-    3x3 neighbourhood; logit = Conv1x1(D/4 -> 1)(SiLU(GroupNorm(Conv3x3(r)))); p = sigmoid(logit).
-    The last bias starts at `bias_init`: "release" = -1.1 for every N, as the authors' code (the
-    value that produced the paper's numbers; sigmoid(-1.1) = 0.25 = 1/N only at N = 4), or "target" =
-    logit(1/N) = -ln(N - 1), so the mean p starts at the ratio loss's optimum for any N (at N = 16 the
-    release's bias starts p four times above it and leaves the ratio loss to pull it down).
-    """
-
-    def __init__(self, dim: int, downsample_factor: float, norm_groups: int = 8, bias_init: str = "release"):
-        super().__init__()
-        N = _check_downsample_factor(downsample_factor)
-        if bias_init not in ROUTER_BIAS_INITS:
-            raise ValueError(f"PredictabilityRouter bias_init must be one of {ROUTER_BIAS_INITS}, got {bias_init!r}")
-        if dim % 4 != 0:
-            raise ValueError(f"PredictabilityRouter needs dim divisible by 4 (width D/4), got dim={dim}")
-        hidden = dim // 4
-        if hidden % norm_groups != 0:
-            raise ValueError(
-                f"PredictabilityRouter: norm_groups={norm_groups} must divide the width dim/4={hidden}")
-        self.reduce = nn.Conv2d(dim, hidden, kernel_size=1)
-        self.context = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1)
-        self.score = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1)
-        self.norm = nn.GroupNorm(norm_groups, hidden)
-        self.out = nn.Conv2d(hidden, 1, kernel_size=1)
-        with torch.no_grad():
-            self.out.bias.fill_(RELEASE_ROUTER_BIAS if bias_init == "release" else -math.log(N - 1.0))
-
-    @staticmethod
-    def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
-        # Weights cast to fp32 so a bf16 copy of the model still routes in fp32.
-        return F.conv2d(x, conv.weight.float(), conv.bias.float(), padding=conv.padding)
-
-    def forward(self, x: Tensor, grid: Tuple[int, int]) -> RouterOutput:
-        H, W = _check_grid(x, grid)
-        B, L, D = x.shape
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float().transpose(1, 2).reshape(B, D, H, W)  # (B, D, H, W)
-            z = self._conv(self.reduce, x)  # (B, D/4, H, W)
-            r = z - self._conv(self.context, z)  # (B, D/4, H, W)
-            h = self._conv(self.score, r)  # (B, D/4, H, W)
-            h = F.group_norm(h, self.norm.num_groups, self.norm.weight.float(), self.norm.bias.float(),
-                             self.norm.eps)
-            logit = self._conv(self.out, F.silu(h))  # (B, 1, H, W)
-            prob = torch.sigmoid(logit.reshape(B, L))  # (B, L)
-            return _finish_routing(prob)
-
-
-class RandomRouter(nn.Module):
-    """Random boundaries for the ablation of §4.3 (Table 2).
-
-    Exactly round(L / N) tokens per sample (at least 2, at most L): the first and last raster tokens
-    plus a uniformly random subset of the interior drawn without replacement (the first k entries
-    of a random permutation, vectorised over the batch). p = the 0/1 decision, so the STE gate is 1
-    and no gradient reaches the (parameter-free) router.
-    """
-
-    def __init__(self, downsample_factor: float):
-        super().__init__()
-        self.downsample_factor = _check_downsample_factor(downsample_factor)
-
-    def forward(self, x: Tensor, grid: Tuple[int, int],
-                generator: Optional[torch.Generator] = None) -> RouterOutput:
-        _check_grid(x, grid)
-        B, L, _ = x.shape
-        keep = min(L, max(2, round(L / self.downsample_factor)))
-        interior = max(L - 2, 0)
-        picks = min(max(keep - 2, 0), interior)
-        # generator must live on x's device (torch.rand's rule); None uses the global RNG.
-        noise = torch.rand(B, interior, generator=generator, device=x.device)  # (B, L-2)
-        chosen = noise.argsort(dim=1)[:, :picks] + 1  # (B, picks) raster positions in [1, L-2]
-        mask = torch.zeros(B, L, dtype=torch.bool, device=x.device)  # (B, L)
-        mask.scatter_(1, chosen, True)
-        return _finish_routing(mask.float())
-
-
-def build_router(kind: str, dim: int, downsample_factor: float, norm_groups: int = 8,
-                 bias_init: str = "release") -> nn.Module:
-    """Router factory for the config key `router`."""
-    if kind == "cosine":
-        return CosineRouter(dim)
-    if kind == "predictability":
-        return PredictabilityRouter(dim, downsample_factor, norm_groups=norm_groups, bias_init=bias_init)
-    if kind == "random":
-        return RandomRouter(downsample_factor)
-    raise ValueError(f"unknown router kind {kind!r}; choices: 'cosine', 'predictability', 'random'")
+@contextmanager
+def keep_exactly(model: nn.Module, kept: int, packed: Optional[bool] = None):
+    """Temporarily route exactly `kept` tokens per sample in a DC-DiT (and optionally switch its token layout)."""
+    router, layout = model.router, model.packed
+    model.router = KeepExactly(router, kept)
+    if packed is not None:
+        model.packed = packed
+    try:
+        yield model
+    finally:
+        model.router, model.packed = router, layout
 
 
 def _drop_counts(mask: Tensor, fraction: Union[float, Tensor]) -> Optional[Tensor]:
@@ -316,7 +163,7 @@ def ratio_loss(natural_mask: Tensor, prob: Tensor, downsample_factor: float,
     weighted equally. A batch that is not a multiple of group_size ends with a smaller group (the
     authors' release crashes there). Its minimum over F = G is 1, at F = G = 1/N.
     """
-    N = _check_downsample_factor(downsample_factor)
+    N = check_downsample_factor(downsample_factor)
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     B = prob.shape[0]

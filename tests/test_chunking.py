@@ -3,6 +3,7 @@
 import math
 import time
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -260,3 +261,27 @@ def test_gather_rows_matches_gather_forward_and_backward():
     (gx,) = torch.autograd.grad(out, x, grad)
     (rx,) = torch.autograd.grad(ref, x, grad)
     torch.testing.assert_close(gx, rx)
+
+
+def test_dechunker_registry():
+    """gaussian is dechunk(); nearest copies each position's nearest kept token, unsmoothed (an ablation)."""
+    from models.chunking import DECHUNKERS, build_dechunker
+    assert set(DECHUNKERS) == {"gaussian", "nearest"}
+    torch.manual_seed(0)
+    grid = (4, 5)
+    L = grid[0] * grid[1]
+    mask = torch.zeros(2, L, dtype=torch.bool)
+    mask[:, [0, 7, 13, L - 1]] = True
+    mask[1, 3] = True
+    prob = torch.rand(2, L)
+    x = torch.randn(2, L, 6)
+    z, valid, idx = chunk(x, mask, prob)
+    torch.testing.assert_close(build_dechunker("gaussian", 1.5)(z, prob, idx, valid, grid),
+                               dechunk(z, prob, idx, valid, grid, 1.5))
+    out = build_dechunker("nearest", 1.0)(z, prob, idx, valid, grid)  # (B, L, D)
+    slot = plug_back_index(idx, valid, grid)
+    assert torch.equal(out, torch.stack([z[b, slot[b]] for b in range(2)]))
+    assert torch.equal(out[mask], x[mask])  # a kept token is its own nearest
+    with pytest.raises(ValueError, match="model.dechunker: unknown de-chunker 'ema'"):
+        build_dechunker("ema", 1.0)
+

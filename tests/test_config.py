@@ -454,7 +454,7 @@ def test_shipped_config_values():
             True, 50000, recipe.train.multi_budget_drop_fractions), name
     assert (recipe.sample.cfg_scale, recipe.sample.fid_cfg_scale) == (4.0, 1.5)  # pictures | FID, as the release
     m = recipe.model
-    assert (m.inner_norm, m.residual_init, m.router_bias_init) == (True, "xavier", "release")
+    assert (m.inner_norm, m.residual_init, m.router_args) == (True, "xavier", {})  # predictability: bias -1.1
     assert load("DiT-XL-2.yaml").model.name == "DiT-XL/2"
     depths = {"B-2-isoparam": 13, "B-2-isoflop": 17, "B-4-isoparam": 13, "B-4-isoflop": 28,
               "XL-2-isoparam": 29, "XL-2-isoflop": 34, "XL-4-isoparam": 29, "XL-4-isoflop": 50}

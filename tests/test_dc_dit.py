@@ -64,8 +64,8 @@ class ContentRouter(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.randn(dim, generator=torch.Generator().manual_seed(3)))
 
     def forward(self, x, grid):
-        from models.routing import _finish_routing
-        return _finish_routing(torch.sigmoid(x.float() @ self.w))
+        from models.routing import finish_routing
+        return finish_routing(torch.sigmoid(x.float() @ self.w))
 
 
 def _batch_with_varied_m(model):
@@ -162,7 +162,7 @@ def test_initialisation_follows_the_release_where_the_paper_is_silent():
 @pytest.mark.parametrize("bias_init,n,expected", [("release", 4.0, -1.1), ("release", 16.0, -1.1),
                                                   ("target", 4.0, -math.log(3.0)), ("target", 16.0, -math.log(15.0))])
 def test_predictability_router_output_bias(bias_init, n, expected):
-    m = tiny(router="predictability", downsample_factor=n, router_bias_init=bias_init)
+    m = tiny(router="predictability", downsample_factor=n, router_args={"bias_init": bias_init})
     assert torch.allclose(m.router.out.bias, torch.tensor([expected]))
 
 

@@ -21,7 +21,7 @@ VARIANTS = {
     "dit": (["model.name=DiT-S/2"], False),
     "cosine_packed": ([], False),
     "predictability_padded": (["model.router=predictability", "model.attention=padded"], False),
-    "predictability_target_zero_residual": (["model.router=predictability", "model.router_bias_init=target",
+    "predictability_target_zero_residual": (["model.router=predictability", "model.router_args={bias_init: target}",
                                              "model.residual_init=zero", "model.inner_norm=false"], False),
     "random": (["model.router=random"], False),
     "dydit": (["dydit.enabled=true"], True),

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from models.routing import (CosineRouter, PredictabilityRouter, RandomRouter, RouterOutput,
-                            build_router, compression_stats, ratio_loss, tail_drop)
+from models.routers import (ROUTERS, CosineRouter, PredictabilityRouter, RandomRouter, RouterArgsError,
+                            build_router)
+from models.routing import RouterOutput, compression_stats, ratio_loss, tail_drop
 
 
 def _check_common(out: RouterOutput):
@@ -23,11 +24,9 @@ def _check_common(out: RouterOutput):
 
 def test_cosine_router_identity_init_is_a_novelty_detector():
     H, W, D = 5, 6, 8
-    router = CosineRouter(D)
+    router = CosineRouter(D, 4)
     assert torch.equal(router.q_proj.weight, torch.eye(D)) and torch.equal(router.k_proj.weight, torch.eye(D))
     assert torch.allclose(router.k_avg.weight, torch.full_like(router.k_avg.weight, 1 / 9))
-    for w in (router.q_proj.weight, router.k_proj.weight, router.k_avg.weight):
-        assert w._no_reinit is True
     v = torch.randn(D)
     x = v.expand(2, H * W, D).clone()  # a constant image
     out = router(x, (H, W))
@@ -48,7 +47,7 @@ def test_cosine_router_identity_init_is_a_novelty_detector():
 
 def test_cosine_router_gradients_reach_all_weights():
     torch.manual_seed(0)
-    router = CosineRouter(8)
+    router = CosineRouter(8, 4)
     x = torch.randn(2, 20, 8)
     out = router(x, (4, 5))
     (out.prob * torch.randn_like(out.prob)).sum().backward()
@@ -58,12 +57,12 @@ def test_cosine_router_gradients_reach_all_weights():
 
 def test_cosine_router_rejects_bad_grid():
     with pytest.raises(ValueError, match="grid"):
-        CosineRouter(4)(torch.randn(1, 12, 4), (3, 5))
+        CosineRouter(4, 4)(torch.randn(1, 12, 4), (3, 5))
 
 
 def test_router_is_fp32_under_bf16_autocast():
     torch.manual_seed(0)
-    for router in (CosineRouter(16), PredictabilityRouter(16, 4, norm_groups=2)):
+    for router in (CosineRouter(16, 4), PredictabilityRouter(16, 4, norm_groups=2)):
         x = torch.randn(2, 36, 16)
         ref = router(x, (6, 6))
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
@@ -107,7 +106,7 @@ def test_predictability_router_validates_widths():
 def test_random_router_exact_count_and_randomness():
     B, H, W, N = 6, 5, 7, 4
     x = torch.zeros(B, H * W, 3)
-    router = RandomRouter(N)
+    router = RandomRouter(3, N)
     out = router(x, (H, W), generator=torch.Generator().manual_seed(1))
     _check_common(out)
     assert torch.all(out.mask.sum(1) == round(H * W / N))
@@ -118,12 +117,49 @@ def test_random_router_exact_count_and_randomness():
     assert torch.equal(again.mask, out.mask)  # reproducible with a seeded generator
 
 
-def test_build_router():
+def test_build_router_reads_the_registry_and_checks_options():
     assert isinstance(build_router("cosine", 8, 4), CosineRouter)
     assert isinstance(build_router("predictability", 32, 4), PredictabilityRouter)
     assert isinstance(build_router("random", 8, 4), RandomRouter)
-    with pytest.raises(ValueError, match="'learned'.*cosine.*predictability.*random"):
+    assert build_router("predictability", 32, 16, bias_init="target").out.bias.item() == pytest.approx(-math.log(15))
+    with pytest.raises(RouterArgsError, match="'learned'.*cosine, predictability, random"):
         build_router("learned", 8, 4)
+    with pytest.raises(RouterArgsError, match=r"model\.router_args\.bias: not an option.*norm_groups, bias_init"):
+        build_router("predictability", 32, 4, bias=0.0)
+    with pytest.raises(RouterArgsError, match=r"router_args\.norm_groups: expected int"):
+        build_router("predictability", 32, 4, norm_groups="8")
+
+
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_every_registered_router_keeps_the_contract(name):
+    """What DCDiT relies on from any router: fp32 p and selected under bf16 autocast, forced endpoints, the
+    0.5 threshold, selected = p or 1 - p, gradients to every parameter, and reset_parameters restoring a
+    deterministic init (the model's generic init never touches a router)."""
+    torch.manual_seed(0)
+    H, W, D = 6, 6, 32
+    router = build_router(name, D, 4)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    x = torch.randn(3, H * W, D)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = router(x.bfloat16(), (H, W))
+    _check_common(out)
+    out = router(x, (H, W))
+    if list(router.parameters()):  # the random router has none: nothing to learn
+        (out.selected * torch.randn_like(out.selected)).sum().backward()
+        for pname, p in router.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, (name, pname)
+    torch.manual_seed(1)
+    a = build_router(name, D, 4).state_dict()
+    router.reset_parameters()
+    b = router.state_dict()
+    fixed = {k for k in a if torch.equal(a[k], b[k])}
+    torch.manual_seed(2)
+    c = build_router(name, D, 4).state_dict()
+    # What reset_parameters restores is seed-independent (a fixed init such as the identity or -1.1).
+    assert fixed <= {k for k in a if torch.equal(a[k], c[k])}
+    assert bool(fixed) == bool(a)  # and a router with parameters restores some
 
 
 # ---------------------------------------------------------------- tail dropping (README)
@@ -249,7 +285,7 @@ def test_cosine_router_matches_the_normalised_formula():
     channels-last view; it must equal §3.3's formula written out, in value and in every gradient."""
     torch.manual_seed(0)
     H, W, D = 4, 5, 8
-    router = CosineRouter(D)
+    router = CosineRouter(D, 4)
     with torch.no_grad():
         for w in (router.q_proj.weight, router.k_proj.weight, router.k_avg.weight):
             w.add_(torch.randn_like(w) * 0.3)
@@ -279,7 +315,7 @@ def test_cosine_router_matches_the_normalised_formula():
 def test_router_hand_written_backwards_pass_gradcheck():
     """_Normalize and _Cosine against finite differences in float64, and against F.normalize's own
     autograd at a zero vector (inside the eps clamp, where finite differences do not apply)."""
-    from models.routing import _Cosine, _Normalize
+    from models.routers.cosine import _Cosine, _Normalize
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
     k = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)

@@ -12,7 +12,7 @@ from conftest import run_script
 from diffusion import create_diffusion
 from models.dc_dit import DCDiT
 from models.dit import DiT
-from models.routing import _finish_routing, ratio_loss
+from models.routing import finish_routing, ratio_loss
 from models.upcycle import (UpcycleError, block_distill_loss, build_teacher, distillation_loss, load_dit_checkpoint,
                             patch_index, reset_untouched_adam_state, teacher_block_outputs, upcycle_)
 
@@ -57,7 +57,7 @@ class KeepAll(torch.nn.Module):
     """Router stand-in: every token is a boundary (p = 1), so the inner blocks see all L tokens."""
 
     def forward(self, enc, grid):
-        return _finish_routing(torch.ones(enc.shape[:2]))
+        return finish_routing(torch.ones(enc.shape[:2]))
 
 
 class KeepTopRows(torch.nn.Module):
@@ -70,7 +70,7 @@ class KeepTopRows(torch.nn.Module):
     def forward(self, enc, grid):
         p = torch.zeros(enc.shape[0], grid[0], grid[1])
         p[:, : self.rows] = 1.0
-        return _finish_routing(p.flatten(1))
+        return finish_routing(p.flatten(1))
 
 
 class TeacherInput(torch.nn.Module):

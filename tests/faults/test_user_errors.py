@@ -43,6 +43,9 @@ def test_missing_resume_target(tmp_path, capsys):
     ("model.downsample_factor=1.0", "model.downsample_factor"),
     ("sample.tail_dropping_fraction=1.0", "sample.tail_dropping_fraction"),
     ("model.router=cosine2", "model.router"),
+    ("model.router_args={bias_init: target}", "model.router_args.bias_init: not an option of the 'cosine' router"),
+    ("model.router_args=[1]", "model.router_args: expected a mapping"),
+    ("model.dechunker=ema", "model.dechunker: expected one of ('gaussian', 'nearest')"),
 ])
 def test_bad_config_values(override, needle, capsys):
     err = run_main(train.main, ["--config", "configs/tiny/test-dcdit.yaml", override], capsys)
