@@ -14,7 +14,7 @@ the check and is drawn again; PNGs are written to a temporary name and renamed, 
 always whole). After a barrier rank 0 writes
   DIR.npz   arr_0 (N, H, W, 3) uint8, read back from the PNGs in index order (ADM's evaluation format);
   DIR.json  the resolved config, checkpoint, seed, guidance and tail-drop budgets, parameters, TFLOPs/img
-            measured from the tokens the inner blocks really ran (tools/flops.py), per-step kept-token
+            measured from the tokens the inner blocks really ran (models/flops.py), per-step kept-token
             statistics and raw counts (`kept_tokens`, (steps, rows): cond rows then uncond rows of the
             images drawn in this run, in index order), and per-step wall time / throughput (paper Fig. 4);
             with DyDiT (dydit.enabled, §4.5) also `dydit`: the TFLOPs/img its gates left (then also
@@ -35,7 +35,7 @@ from data import to_uint8_images
 from models import is_dcdit
 from sample import (SampleError, Sampler, add_sampling_args, class_labels, describe_budgets, generate, image_size,
                     load_model_for_sampling, load_vae_if_latent, uncond_budget)
-from tools.flops import count_params, dcdit_flops_coeffs, dydit_dims, dydit_info_row_flops, static_block_flops
+from models.flops import count_params, dcdit_flops_coeffs, dydit_dims, dydit_info_row_flops, static_block_flops
 
 SETTINGS_FILE = ".settings.json"  # inside DIR: what its PNGs were drawn with, checked on resume
 
@@ -228,7 +228,7 @@ class RunLog:
 
 class GateLog:
     """Stands in for a DyDiT model inside sample.Sampler: passes every call through unchanged and adds up,
-    per sampling step, what the gates left (ChunkInfo.dydit, priced by tools/flops.dydit_info_row_flops).
+    per sampling step, what the gates left (ChunkInfo.dydit, priced by models.flops.dydit_info_row_flops).
 
     Per step it sums over rows: [rows, FLOPs as run, DC-DiT FLOPs at the same kept tokens, the inner
     blocks' static FLOPs, share of heads kept, share of MLP groups kept, tokens that ran an MLP, token
@@ -349,8 +349,8 @@ def dump_json(report: dict) -> str:
 
 
 def measure_tflops(model, cfg, merged: dict):
-    """TFLOPs per image over the whole sampling run (tools/flops.py), from measured kept tokens for DC-DiT."""
-    from tools.flops import dcdit_flops_coeffs, forward_flops, tflops_from_counts
+    """TFLOPs per image over the whole sampling run (models/flops.py), from measured kept tokens for DC-DiT."""
+    from models.flops import dcdit_flops_coeffs, forward_flops, tflops_from_counts
     use_cfg = cfg.sample.cfg_scale > 1.0
     if is_dcdit(cfg.model.name):
         if "kept_tokens" not in merged:

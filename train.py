@@ -46,7 +46,7 @@ from models.dydit import flops_loss, flops_ratio, load_dcdit_weights, read_dcdit
 from models.routing import compression_stats, ratio_loss
 from models.upcycle import (build_teacher, distillation_loss, freeze_embedders, load_dit_checkpoint,
                             reset_untouched_adam_state, upcycle_, upcycle_model_config)
-from tools.flops import dcdit_flops_coeffs
+from models.flops import dcdit_flops_coeffs
 
 
 class TrainError(RuntimeError):

@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from .flops import attention_backward_flops, attention_flops
+
 try:  # optional: source-only CUDA build, never a requirement
     from flash_attn import flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the machine
@@ -194,14 +196,13 @@ def _attention_pairs(cu_seqlens: torch.Tensor) -> int:
 # FlopCounterMode sees these operators, not the kernels inside them: without formulas attention counts as 0.
 @register_flop_formula(torch.ops.dcdit.packed_attention, get_raw=True)
 def _cpu_attention_flops(q, k, v, cu_seqlens, *args, out_val=None, **kwargs) -> int:
-    """QK^T and AV of every sample: 2 H sum_b M_b^2 (Dh + Dv), as FlopCounterMode prices SDPA."""
-    return 2 * q.shape[1] * _attention_pairs(cu_seqlens) * (q.shape[2] + v.shape[2])
+    """QK^T and AV of every sample, H sum_b M_b^2 pairs, as FlopCounterMode prices SDPA."""
+    return attention_flops(q.shape[1] * _attention_pairs(cu_seqlens), q.shape[2], v.shape[2])
 
 
 @register_flop_formula(torch.ops.dcdit.packed_attention_backward, get_raw=True)
 def _cpu_attention_backward_flops(grad_out, q, k, v, out, lse, cu_seqlens, *args, out_val=None, **kwargs) -> int:
-    """dV, dP, dQ and dK: twice the forward's two products."""
-    return 4 * q.shape[1] * _attention_pairs(cu_seqlens) * (q.shape[2] + v.shape[2])
+    return attention_backward_flops(attention_flops(q.shape[1] * _attention_pairs(cu_seqlens), q.shape[2], v.shape[2]))
 
 
 def packed_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

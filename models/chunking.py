@@ -11,7 +11,7 @@ and plug-back here (and out of attention by the caller), so a sample's output ne
 what else is in its batch. Memory stays O(B * L * Mmax): no (L, L) tensor is ever built.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -47,7 +47,7 @@ def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     return flat.view(B, idx.shape[1], D)  # (B, K, D)
 
 
-def chunk(x: Tensor, mask: Tensor, prob: Tensor, return_counts: bool = False):
+def chunk(x: Tensor, mask: Tensor, prob: Tensor, return_counts: bool = False, counts: Optional[list] = None):
     """Gather the kept tokens of every sample into a padded batch.
 
     x (B, L, D) any dtype, mask (B, L) bool (kept tokens), prob (B, L) boundary probabilities.
@@ -58,7 +58,7 @@ def chunk(x: Tensor, mask: Tensor, prob: Tensor, return_counts: bool = False):
 
     One host sync: the kept counts M_b must be on the host to allocate the batch (Mmax) and, for the
     packed attention layout, to size the packed axis; return_counts=True also returns them (a list of B
-    ints) so the caller needs no second sync.
+    ints) so the caller needs no second sync. A caller that already read them passes `counts`.
     """
     if x.dim() != 3 or mask.shape != x.shape[:2] or prob.shape != x.shape[:2]:
         raise ValueError(f"chunk expects x (B, L, D), mask and prob (B, L); got x {tuple(x.shape)}, "
@@ -67,7 +67,8 @@ def chunk(x: Tensor, mask: Tensor, prob: Tensor, return_counts: bool = False):
         raise ValueError(f"chunk expects a bool mask, got {mask.dtype}")
     B, L, _ = x.shape
     count = mask.sum(1)  # (B,) M_b
-    counts = count.tolist()  # the one host sync
+    if counts is None:
+        counts = count.tolist()  # the one host sync
     m_max, m_min = max(counts), min(counts)
     if m_min < 1:
         raise ValueError("chunk: every sample needs at least one kept token (routers force the first "

@@ -171,7 +171,10 @@ class DCDiT(nn.Module):
     def chunk(self, enc: torch.Tensor, r: RouterOutput) -> Chunks:
         """Kept tokens in raster order (§3.3), each plus the sin-cos of its own (row, col), laid out for the
         inner blocks: packed (T, D) with no padding anywhere, or padded (B, Mmax, D) with a key mask."""
-        z, valid, idx, counts = chunk_tokens(enc, r.mask, r.prob, return_counts=True)  # (B, Mmax, D), (B, Mmax) x2
+        # The forward's one host sync: Mmax and the packed axis' size are shapes. Read here, in this frame, so
+        # torch.compile breaks its graph once rather than once per nested call.
+        counts = r.mask.sum(1).tolist()                                          # B ints M_b
+        z, valid, idx = chunk_tokens(enc, r.mask, r.prob, counts=counts)         # (B, Mmax, D), (B, Mmax) x2
         z = z + self.pos_embed(idx).to(z.dtype)                                  # (B, Mmax, D)
         layout = TokenLayout.build(valid, self.packed, counts)                   # no further host sync
         return Chunks(layout.pack(z), layout, idx, valid)                        # (T, D) | (B, Mmax, D)

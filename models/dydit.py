@@ -27,7 +27,7 @@ Execution (`DyDiTBlock.execution`, set with `dydit_execution`):
 The forward's gate decisions and FLOPs come back in `DyDiTInfo` (ChunkInfo.dydit), never cached here.
 
 FLOPs (paper §4.5, DyDiT's loss): per sample, the inner blocks' forward FLOPs in the convention of
-tools/flops.py (2 per multiply-add of matmuls and attention products) from the gates; F_static is the same
+models/flops.py (2 per multiply-add of matmuls and attention products) from the gates; F_static is the same
 blocks with every gate on and no routers at the same kept-token count M (the DC-DiT DyDiT composes with);
 L_FLOPs = (mean_b F_dyn / F_static - lambda)^2, differentiable through the straight-through gates.
 """
@@ -42,6 +42,7 @@ from torch import Tensor
 
 from .attention import TokenLayout, _packed_attention
 from .checkpoint_io import model_state, read_checkpoint
+from .flops import BlockDims, block_flops, static_block_flops
 from .dit import DiTBlock, modulate
 
 WIDTH_BIAS_INIT = 15.0   # DyDiT release: head/group router bias, sigmoid(15) ~ 1 - 3e-7, every width gate on
@@ -94,46 +95,6 @@ def _fp32_linear(layer: nn.Linear, x: Tensor) -> Tensor:
     otherwise round across the threshold (the same reason models/routing.py routes in fp32)."""
     bias = None if layer.bias is None else layer.bias.float()
     return F.linear(x.float(), layer.weight.float(), bias)
-
-
-# ----------------------------------------------------------------------------- FLOPs
-
-@dataclass(frozen=True)
-class BlockDims:
-    """Widths of one inner block, for the analytic FLOPs."""
-    hidden: int          # D
-    heads: int           # H
-    head_dim: int        # D / H
-    group_width: int     # MLP hidden channels per group, mlp_hidden / H
-    router_hidden: int   # D / 16
-
-    @property
-    def mlp_hidden(self) -> int:
-        return self.group_width * self.heads
-
-
-def block_flops(dims: BlockDims, kept, heads, groups, tokens, gated: bool = True):
-    """Forward FLOPs of one inner block for one sample (tools/flops.py convention: 2 per multiply-add of
-    matmuls and attention products; norms, activations and softmax are free).
-
-    kept M tokens, heads h kept, groups g kept, tokens K running the MLP: numbers, numpy arrays or tensors
-    (differentiable in h, g and K). gated adds DyDiT's routers (two Linear(D, H) on t_emb, the token router
-    on all M tokens); gated=False with h = g = H, K = M is the plain DC-DiT block.
-        adaLN      12 D^2                     (Linear(D, 6D) on c, once per sample)
-        attention  h Dh (8 M D + 4 M^2)       (qkv 6 M D h Dh, proj 2 M h Dh D, QK^T and AV 4 M^2 h Dh)
-        MLP        4 K D g Gc                 (fc1 and fc2 on the K tokens and g groups of Gc channels)
-        routers    4 D H + M (2 D r + 2 r)    (r = D / 16)
-    """
-    D, dh, gc, r = dims.hidden, dims.head_dim, dims.group_width, dims.router_hidden
-    flops = 12 * D * D + heads * dh * (8 * kept * D + 4 * kept * kept) + 4 * tokens * D * groups * gc
-    if gated:
-        flops = flops + 4 * D * dims.heads + kept * (2 * D * r + 2 * r)
-    return flops
-
-
-def static_block_flops(dims: BlockDims, kept):
-    """block_flops with every gate on and no routers: the DC-DiT block at M = kept."""
-    return block_flops(dims, kept, dims.heads, dims.heads, kept, gated=False)
 
 
 # ----------------------------------------------------------------------------- the block
@@ -426,7 +387,7 @@ class GateTally:
 
 def flops_ratio(info: DyDiTInfo, dcdit_coeffs: Optional[Sequence[float]] = None) -> Tensor:
     """(B,) F_dynamic / F_static: of the inner blocks (the default), or, given the DC-DiT's forward FLOPs
-    a + b M + c M^2 (tools/flops.dcdit_flops_coeffs), of the whole forward, the scaffold (encoder, router,
+    a + b M + c M^2 (models.flops.dcdit_flops_coeffs), of the whole forward, the scaffold (encoder, router,
     dechunk, decoder) counted on both sides (config dydit.flops_scope, docs/dydit.md)."""
     if dcdit_coeffs is None:
         return info.ratio

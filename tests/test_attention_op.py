@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from models.attention import (TokenLayout, _cpu_attention_backward_op, _cpu_attention_op, _jagged_attention,
                               packed_attention_cpu)
 from conftest import trained_tiny_dcdit
-from tools.flops import flop_counter
+from models.flops import flop_counter
 
 LENS = [5, 1, 9, 0, 3]  # unequal, with a single-token sample and an empty one
 
@@ -152,8 +152,8 @@ def inputs(seed=0):
 
 
 def test_compile_breaks_only_at_the_chunk_host_sync():
-    """The attention no longer breaks the graph: every break left is chunk's one host sync (counts.tolist()),
-    which explain counts once per frame it interrupts (DCDiT.forward, then chunk itself)."""
+    """The attention does not break the graph: every break left is the one host sync of DCDiT.chunk (the kept
+    counts as a list), which explain counts once per frame it interrupts (DCDiT.forward, then DCDiT.chunk)."""
     model = trained_tiny_dcdit()
     _, info = model(*inputs(), return_info=True)
     assert len(set(info.kept.tolist())) > 1                                   # unequal lengths reach the op
@@ -161,7 +161,7 @@ def test_compile_breaks_only_at_the_chunk_host_sync():
     ex = torch._dynamo.explain(model)(*inputs())
     torch._dynamo.reset()
     innermost = [r.user_stack[-1] for r in ex.break_reasons]
-    assert innermost and all(f.filename.endswith("chunking.py") and "tolist" in f.line for f in innermost), \
+    assert innermost and all(f.filename.endswith("dc_dit.py") and "tolist" in f.line for f in innermost), \
         [f"{f.filename}:{f.lineno} {f.line}" for f in innermost]
     assert ex.graph_count == ex.graph_break_count + 1 <= 4
 

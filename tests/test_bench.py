@@ -13,7 +13,7 @@ import torch.nn as nn
 from models.routing import RouterOutput
 from tools import bench
 from conftest import json_numbers
-from tools.flops import forced_kept
+from models.routing import keep_exactly as forced_kept
 
 
 

@@ -15,9 +15,11 @@ from conftest import ROOT, TINY_DCDIT, run_script
 from conftest import trained_tiny_dcdit as dcdit
 from models import create_model
 from models.dc_dit import DCDiT
-from models.dydit import (DyDiTError, block_flops, dydit_execution, fix_gates, flops_loss, flops_ratio, gate_patterns,
-                          gumbel_sigmoid_gate, load_dcdit_weights, static_block_flops)
-from tools.flops import count_flops, dcdit_flops_coeffs, dydit_dims, dydit_info_row_flops, forced_kept
+from models.dydit import (DyDiTError, dydit_execution, fix_gates, flops_loss, flops_ratio, gate_patterns,
+                          gumbel_sigmoid_gate, load_dcdit_weights)
+from models.flops import (block_flops, count_flops, dcdit_flops_coeffs, dydit_dims, dydit_info_row_flops,
+                          static_block_flops)
+from models.routing import keep_exactly as forced_kept
 
 
 def dydit_from(base, **kw):

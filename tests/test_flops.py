@@ -1,4 +1,4 @@
-"""FLOPs accounting (tools/flops.py): paper Table 1, closed forms, the exact quadratic in M, Lite-CFG pricing, CLI."""
+"""FLOPs accounting (models/flops.py, tools/flops.py): paper Table 1, closed forms, the exact quadratic in M, Lite-CFG pricing, CLI."""
 import json
 
 import pytest
@@ -8,9 +8,10 @@ from conftest import run_script
 from models.chunking import dechunk
 from models.dc_dit import DCDiT
 from models.dit import DiT
-from tools.flops import (count_params, dcdit_flops_coeffs, flop_counter, forward_flops, quadratic, table1_dit_rows,
-                         tflops_from_counts, tflops_per_image)
+from models.flops import (count_params, dcdit_flops_coeffs, flop_counter, forward_flops, quadratic, tflops_from_counts,
+                          tflops_per_image)
 from tools.flops import main as flops_main
+from tools.flops import table1_dit_rows
 
 TINY = dict(input_size=8, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 

@@ -10,7 +10,7 @@ import pytest
 from config import load_config
 from conftest import json_numbers
 from tools import reproduce
-from tools.flops import build_model, count_params, forward_flops
+from models.flops import build_model, count_params, forward_flops
 
 SECTIONS = ("## Setup", "## Claims", "## Table 1 in miniature", "## Where the boundaries land",
             "## Compression vs timestep", "## Tail dropping", "## Differences from the paper's setting",

@@ -15,7 +15,7 @@ from config import main_guard
 from data import to_uint8_images
 from sample import class_labels, generate
 from test_sample import TINY_DIT, make_checkpoint
-from tools.flops import dcdit_flops_coeffs, tflops_from_counts
+from models.flops import dcdit_flops_coeffs, tflops_from_counts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 7  # images: odd, so the two ranks get 4 and 3 and batches end ragged
@@ -155,7 +155,7 @@ def test_lite_cfg_uncond_rows_cost_less(ckpt, tmp_path):
     # Equal conditional budget (f = 0 for the conditional rows): same first step, cheaper run.
     assert lite["kept_stats"][0]["cond"] == plain["kept_stats"][0]["cond"]
     assert lite["tflops_per_img"] < plain["tflops_per_img"]
-    # The reported TFLOPs are tools/flops.py's price of the reported counts.
+    # The reported TFLOPs are models/flops.py's price of the reported counts.
     model, _ = sample_ddp.load_model_for_sampling(
         argparse.Namespace(config=None, overrides=[], dry_run=False), ckpt)
     coeffs = dcdit_flops_coeffs(model)
@@ -163,7 +163,7 @@ def test_lite_cfg_uncond_rows_cost_less(ckpt, tmp_path):
 
 
 def test_dit_run_reports_constant_flops(tmp_path):
-    from tools.flops import forward_flops
+    from models.flops import forward_flops
     ckpt = make_checkpoint(tmp_path / "dit.pt", TINY_DIT)
     arr, report = run(ckpt, tmp_path / "dit", n=2, batch=2)
     assert arr.shape == (2, 8, 8, 3) and "kept_tokens" not in report and report["token_count"] == 16

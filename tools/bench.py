@@ -53,7 +53,8 @@ from models.dc_dit import ste_gate  # noqa: E402
 from models.dit import run_blocks  # noqa: E402
 from models.routing import RouterOutput, ratio_loss  # noqa: E402
 from tools.bench_model import RATIO_LOSS_WEIGHT, sync, timed  # noqa: E402
-from tools.flops import count_params, dcdit_flops_coeffs, forced_kept, forward_flops, quadratic  # noqa: E402
+from models.flops import count_params, dcdit_flops_coeffs, forward_flops, quadratic  # noqa: E402
+from models.routing import keep_exactly as forced_kept  # noqa: E402
 
 SECTIONS = ("train", "sample", "shares", "packed", "memory", "compile")
 SIZES = ("tiny", "S", "B", "L", "XL")

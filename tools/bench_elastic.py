@@ -33,7 +33,8 @@ if ROOT not in sys.path:  # `python tools/bench_elastic.py` puts tools/ on the p
 from config import add_config_args, main_guard  # noqa: E402
 from models import DCDiT  # noqa: E402
 from sample import load_model_for_sampling  # noqa: E402
-from tools.flops import dcdit_flops_coeffs, forced_kept, quadratic  # noqa: E402
+from models.flops import dcdit_flops_coeffs, quadratic  # noqa: E402
+from models.routing import keep_exactly as forced_kept  # noqa: E402
 
 DEFAULT_CONFIG = "configs/DCDiT-B-N4.yaml"
 TINY_CONFIG = "configs/tiny/test-dcdit.yaml"

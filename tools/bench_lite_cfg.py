@@ -21,7 +21,8 @@ sys.path.insert(0, ROOT)
 
 from config import load_config  # noqa: E402
 from models import create_model  # noqa: E402
-from tools.flops import dcdit_flops_coeffs, forced_kept, quadratic  # noqa: E402
+from models.flops import dcdit_flops_coeffs, quadratic  # noqa: E402
+from models.routing import keep_exactly as forced_kept  # noqa: E402
 
 
 def main(argv=None):

@@ -35,7 +35,7 @@ from models.chunking import chunk, dechunk  # noqa: E402
 from models.dc_dit import DCDiT_models  # noqa: E402
 from models.dit import DIT_SIZES, DiT_models  # noqa: E402
 from models.routing import ratio_loss  # noqa: E402
-from tools.flops import forced_kept  # noqa: E402
+from models.routing import keep_exactly as forced_kept  # noqa: E402
 
 RATIO_LOSS_WEIGHT = 0.03  # paper §3.5 / config.TrainConfig.ratio_loss_weight
 # --tiny: a 16x16 grid, width 64, 2 blocks (seconds on a laptop CPU), patch 2 -> 64 tokens.

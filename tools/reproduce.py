@@ -42,8 +42,8 @@ from evaluations.images import ArrayImages  # noqa: E402
 from evaluations.inception import fid_helper_weights_path, load_inception  # noqa: E402
 from evaluations.metrics import frechet_distance, gaussian_statistics  # noqa: E402
 from sample import Sampler, chunking_viz, generate, load_model_for_sampling  # noqa: E402
-from tools.flops import build_model, count_params, dcdit_flops_coeffs, forward_flops, quadratic  # noqa: E402
-from tools.flops import tflops_from_counts  # noqa: E402
+from models.flops import (build_model, count_params, dcdit_flops_coeffs, forward_flops, quadratic,  # noqa: E402
+                          tflops_from_counts)
 
 DCDIT_CONFIG = "configs/tiny/dcdit-digits.yaml"
 DIT_CONFIG = "configs/tiny/dit-digits.yaml"

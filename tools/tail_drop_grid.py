@@ -26,7 +26,7 @@ from data import to_uint8_images  # noqa: E402
 from models import is_dcdit  # noqa: E402
 from sample import (SampleError, Sampler, add_sampling_args, generate, load_model_for_sampling,  # noqa: E402
                     load_vae_if_latent)
-from tools.flops import dcdit_flops_coeffs, tflops_from_counts  # noqa: E402
+from models.flops import dcdit_flops_coeffs, tflops_from_counts  # noqa: E402
 
 
 def run_fractions(model, cfg, labels: torch.Tensor, fractions, device="cpu", vae=None) -> list:
