@@ -2,7 +2,7 @@
 
 Every default is the paper's main setting (DC-DiT-B, N = 4, ImageNet 256x256 SD-VAE latents, 400K steps
 at global batch 256 with AdamW lr 1e-4, ratio-loss weight 0.03: paper §4 "Training"), so a YAML file under
-configs/ lists only what differs (nanoGPT's habit). Strictness follows DESIGN.md §6: an unknown key, a
+configs/ lists only what differs (nanoGPT's habit). Strictness: an unknown key, a
 wrong type or an impossible value is a `ConfigError` whose one-line message names the key and what was
 expected, because a silently ignored typo in a 400K-step run costs days.
 

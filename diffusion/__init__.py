@@ -1,4 +1,4 @@
-"""Gaussian diffusion with DiT / ADM semantics (DESIGN.md §5).
+"""Gaussian diffusion with DiT / ADM semantics (docs/architecture.md).
 
 ``create_diffusion`` has DiT's signature and defaults: linear betas over 1000 steps, eps
 prediction, learned-range sigma, loss = MSE + VB. Train with ``create_diffusion("")`` (all steps)

@@ -1,6 +1,6 @@
 """Gaussian diffusion with the semantics of the public DiT code (trimmed OpenAI ADM / IDDPM).
 
-DESIGN.md §5: numbers must be comparable with the literature, so every formula here is the one of
+Numbers must be comparable with the literature, so every formula here is the one of
 facebookresearch/DiT ``diffusion/gaussian_diffusion.py``:
 - schedule tables are numpy float64 and converted to float32 per step (``_extract_into_tensor``);
 - the model predicts eps (or x0) plus, with learned sigma, an interpolation value v in [-1, 1]
@@ -11,7 +11,7 @@ facebookresearch/DiT ``diffusion/gaussian_diffusion.py``:
   RNG exactly as DiT does when no generator is given.
 
 Beyond DiT: an optional ``generator`` (one torch.Generator, or a list with one per sample) for the
-per-step noise, so per-image seeded sampling does not depend on the batch (DESIGN.md §8), and a
+per-step noise, so per-image seeded sampling does not depend on the batch, and a
 model may return ``(output, extra)``; ``extra`` (e.g. router statistics) is handed back untouched.
 """
 

@@ -1,6 +1,6 @@
 """DyDiT gates on DC-DiT's inner blocks (paper §4.5; Zhao et al., "Dynamic Diffusion Transformer", 2024).
 
-Two kinds of dynamic computation inside every inner DiT block (DESIGN.md §4 "DyDiT composition"):
+Two kinds of dynamic computation inside every inner DiT block (docs/architecture.md, "DyDiT"):
 - timestep-wise dynamic width: from the timestep embedding t_emb (B, D), a Linear(D, H) scores the H
   attention heads and another Linear(D, H) the H groups of MLP hidden channels (the MLP hidden width
   split into H equal groups); a skipped head contributes nothing to the attention projection, a skipped

@@ -2,8 +2,8 @@
 
 They run on the full L = H*W token grid, so they are kept cheap: width E = D/4, two LDM-style
 residual conv blocks per side, and the width change D <-> E happens inside the last encoder / first
-decoder block with its inner conv at the smaller width (DESIGN.md §4; about 2.8M parameters per
-side at B scale). The condition vector c (timestep + class) is added after the first conv.
+decoder block with its inner conv at the smaller width (about 2.8M parameters per side at B
+scale; docs/architecture.md). The condition vector c (timestep + class) is added after the first conv.
 """
 import torch
 import torch.nn as nn
@@ -68,9 +68,9 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         c = self.adaptor(c)                                            # (B, D)
-        # Channels-last throughout: oneDNN's convolutions run faster on it (encoder forward + backward at B,
-        # batch 2 and 8 on CPU: 0.66-0.70x the time of NCHW), and the (B, D, H, W) output then flattens
-        # into (B, L, D) without a transposed copy. The decoder's input is channels-last as it comes.
+        # Channels-last throughout: oneDNN's convolutions run faster on it (docs/performance.md), and the
+        # (B, D, H, W) output then flattens into (B, L, D) without a transposed copy. The decoder's input is
+        # channels-last as it comes.
         h = self.patch_embed(x.contiguous(memory_format=torch.channels_last))  # (B, E, H, W)
         for block in self.blocks:
             h = block(h, c)                                            # (B, E, H, W) then (B, D, H, W)

@@ -318,11 +318,11 @@ def distillation_loss(model: nn.Module, teacher: DiT, x_t: torch.Tensor, t: torc
 def reset_untouched_adam_state(optimizer) -> int:
     """Forget the Adam moments of parameters that only ever saw zero gradients; returns how many.
 
-    During distillation the decoder side (inner_norm, residual_proj, decoder, final layer) is outside the loss; it
-    gets exact zero gradients (`distillation_loss`, for DDP) and AdamW counts those steps. At the switch
-    to the diffusion loss its bias correction would then be spent, and its first real updates would grow
-    to about 6.5x the learning rate after 5K zero steps (measured with a constant gradient; 1x for a fresh
-    Adam). Forgetting the state makes them those of a fresh Adam. Called once, at the switch.
+    During distillation the decoder side (inner_norm, residual_proj, decoder, final layer) is outside the
+    loss; it gets exact zero gradients (`distillation_loss`, for DDP) and AdamW counts those steps. At the
+    switch to the diffusion loss its bias correction would then be spent, and its first real updates would
+    be several times the learning rate (docs/upcycling.md). Forgetting the state makes them those of a
+    fresh Adam. Called once, at the switch.
     """
     n = 0
     for p in list(optimizer.state.keys()):
