@@ -32,6 +32,11 @@ def trained_tiny_dcdit(attention="packed"):
     return model.eval()
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; DCDIT_GPU_TEST_DEVICE=cpu "
+                                       "runs them on the CPU as a dry run)")
+
+
 @pytest.fixture(scope="session")
 def feature_dir(tmp_path_factory):
     """48 random (1, 4, 8, 8) 'latents' with labels in 10 classes (matches configs/tiny/test-*.yaml)."""
