@@ -173,12 +173,54 @@ def _eval(model: nn.Module):
         model.train(was_training)
 
 
-def _count_forward(model: nn.Module) -> int:
-    """FLOPs of one batch-1 forward of `model` on its own device (meta included)."""
+def _count_forward(model: nn.Module, by_component: bool = False):
+    """FLOPs of one batch-1 forward of `model` on its own device (meta included); with by_component, the
+    {component: FLOPs} split of `_components` instead."""
     device = _device(model)
     with _eval(model), torch.no_grad(), _ShapeOnly(), flop_counter() as counter:
         model(*_inputs(model, device))
-    return counter.get_total_flops()
+    if not by_component:
+        return counter.get_total_flops()
+    return _components(type(model).__name__, counter.get_total_flops(), counter.get_flop_counts())
+
+
+# Parts of a model a FLOP is charged to, by where its module sits. Inner (DiT) blocks are split into their
+# attention (qkv, QK^T and AV, proj), MLP and adaLN modulation. What runs in the model's own forward outside
+# any child module (DC-DiT: chunking, position embeddings, the STE gate) is "chunk" for DC-DiT, "other" for DiT.
+DCDIT_COMPONENTS = ("condition", "encoder", "router", "chunk", "attention", "mlp", "modulation", "inner_norm",
+                    "dechunk", "residual", "decoder", "final_layer")
+DIT_COMPONENTS = ("condition", "patchify", "attention", "mlp", "modulation", "final_layer", "other")
+_CHILD_COMPONENT = {"t_embedder": "condition", "y_embedder": "condition", "encoder": "encoder", "router": "router",
+                    "inner_norm": "inner_norm", "dechunker": "dechunk", "residual_proj": "residual",
+                    "decoder": "decoder", "final_layer": "final_layer", "x_embedder": "patchify"}
+_BLOCK_COMPONENT = {"attn": "attention", "mlp": "mlp", "adaLN_modulation": "modulation"}
+
+
+def _components(root: str, total: int, counts: dict) -> dict:
+    """{component: FLOPs} from FlopCounterMode's per-module counts (each module's count includes its children).
+
+    Reads each first-level child (and each inner block's attn / mlp / adaLN_modulation) once; whatever is left
+    of the total ran in the root's own code. The values sum to the total exactly, by construction."""
+    names = DCDIT_COMPONENTS if root == "DCDiT" else DIT_COMPONENTS
+    out = dict.fromkeys(names, 0)
+    for module, ops in counts.items():
+        parts = module.split(".")
+        if parts[0] != root:
+            continue
+        flops = sum(ops.values())
+        if len(parts) == 2 and parts[1] in _CHILD_COMPONENT:
+            out[_CHILD_COMPONENT[parts[1]]] += flops
+        elif len(parts) == 4 and parts[1] == "blocks" and parts[3] in _BLOCK_COMPONENT:
+            out[_BLOCK_COMPONENT[parts[3]]] += flops
+    blocks = sum(sum(ops.values()) for m, ops in counts.items() if m.split(".")[:2] == [root, "blocks"]
+                 and len(m.split(".")) == 3)
+    block_parts = out["attention"] + out["mlp"] + out["modulation"]
+    if blocks != block_parts:
+        raise RuntimeError(f"inner blocks count {blocks} FLOPs but attention + mlp + modulation give {block_parts}: "
+                           f"a block has work outside those three")
+    rest = "chunk" if root == "DCDiT" else "other"
+    out[rest] += total - sum(out.values())
+    return out
 
 
 def count_params(model: nn.Module) -> int:
@@ -234,6 +276,22 @@ def forward_flops(model: nn.Module, kept: Optional[int] = None) -> int:
     raise TypeError(f"forward_flops: expected a DiT or a DCDiT, got {type(model).__name__}")
 
 
+def component_flops(model: nn.Module, kept: Optional[int] = None) -> dict:
+    """forward_flops split by part of the model, {component: FLOPs}, summing exactly to forward_flops(model, kept)."""
+    from .dc_dit import DCDiT
+    from .dit import DiT
+    from .dydit import dydit_execution
+    if isinstance(model, DCDiT):
+        if kept is None:
+            raise ValueError("component_flops: a DC-DiT's cost depends on the kept-token count; pass kept=M")
+        real = materialize(model)
+        with keep_exactly(real, int(kept), packed=False), dydit_execution(real, "static"):
+            return _count_forward(real, by_component=True)
+    if isinstance(model, DiT):
+        return _count_forward(model, by_component=True)
+    raise TypeError(f"component_flops: expected a DiT or a DCDiT, got {type(model).__name__}")
+
+
 def _fit_quadratic(points: Sequence[Tuple[int, int]]) -> Tuple[int, int, int]:
     """Exact (a, b, c) through three (M, FLOPs) points, in rational arithmetic (Newton's form)."""
     (m1, f1), (m2, f2), (m3, f3) = [(Fraction(m), Fraction(f)) for m, f in points]
@@ -269,6 +327,21 @@ def dcdit_flops_coeffs(model: nn.Module) -> Tuple[int, int, int]:
     return coeffs
 
 
+def component_coeffs(model: nn.Module) -> dict:
+    """{component: (a, b, c)} of a DC-DiT: each part's forward FLOPs are a + b M + c M^2 too (fitted exactly as
+    dcdit_flops_coeffs, checked at M = L), and the parts' coefficients add up to the model's."""
+    L = _num_tokens(model)
+    real = materialize(model)
+    fit_at = (2, L // 4, L // 2)
+    counts = [component_flops(real, m) for m in fit_at]
+    out = {name: _fit_quadratic([(m, c[name]) for m, c in zip(fit_at, counts)]) for name in counts[0]}
+    check = component_flops(real, L)
+    for name, coeffs in out.items():
+        if quadratic(coeffs, L) != check[name]:
+            raise RuntimeError(f"component {name}: FLOPs are not quadratic in M ({coeffs} at M={L} vs {check[name]})")
+    return out
+
+
 def quadratic(coeffs: Sequence[float], kept):
     """a + b M + c M^2 (M a number or an array)."""
     a, b, c = coeffs
@@ -288,6 +361,11 @@ def tflops_per_image(model: nn.Module, kept: Optional[int] = None, steps: int = 
                      cfg: bool = True) -> float:
     """Paper convention: forward FLOPs (batch 1) x steps x 2 with CFG, in TFLOPs."""
     return forward_flops(model, kept) * steps * (2 if cfg else 1) / 1e12
+
+
+def tflops_by_component(component_coeffs: dict, counts, cfg: bool = True) -> dict:
+    """tflops_from_counts for each part: {component: TFLOPs/img}, summing to tflops_from_counts of the model."""
+    return {name: tflops_from_counts(coeffs, counts, cfg) for name, coeffs in component_coeffs.items()}
 
 
 def tflops_from_counts(coeffs: Sequence[float], counts, cfg: bool = True) -> float:

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from conftest import run_script
+from config import load_config
+from models import create_model
 from models.chunking import dechunk
 from models.dc_dit import DCDiT
 from models.dit import DiT
@@ -169,3 +171,26 @@ def test_step_benchmarks_reject_counts_they_cannot_time(script, capsys):
         bench.main(["--tiny", "--repeats", "0"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: --batch and --repeats must be >= 1") and "0" in err
+
+
+def test_flops_by_component_sum_to_the_total_and_match_closed_forms():
+    """Each part's FLOPs: attention is 6 M D^2 (qkv) + 2 M D^2 (proj) + 4 M^2 D (QK^T, AV) per block, MLP
+    16 M D^2 per block (mlp_ratio 4), and the parts add up to forward_flops exactly, for DiT and DC-DiT."""
+    from models.flops import component_coeffs, component_flops
+    cfg = load_config("configs/tiny/test-dcdit.yaml")
+    dc = create_model(cfg.model)
+    D, depth = cfg.model.hidden_size, cfg.model.depth
+    for M in (2, 17, 64):
+        parts = component_flops(dc, M)
+        assert sum(parts.values()) == forward_flops(dc, M)
+        assert parts["attention"] == depth * (8 * M * D * D + 4 * M * M * D)
+        assert parts["mlp"] == depth * 16 * M * D * D
+        assert parts["chunk"] == 0 and parts["inner_norm"] == 0  # gathers and norms carry no FLOPs
+        assert min(parts[k] for k in ("encoder", "router", "dechunk", "residual", "decoder")) > 0
+    coeffs = component_coeffs(dc)
+    assert tuple(sum(c[i] for c in coeffs.values()) for i in range(3)) == dcdit_flops_coeffs(dc)
+    dit = create_model(load_config("configs/tiny/test-dit.yaml").model)
+    parts = component_flops(dit)
+    assert sum(parts.values()) == forward_flops(dit) and parts["other"] == 0
+    T = (8 // 2) ** 2  # patch-2 tokens of an 8 x 8 latent
+    assert parts["attention"] == depth * (8 * T * D * D + 4 * T * T * D)
