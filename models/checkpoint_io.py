@@ -9,20 +9,7 @@ from typing import Optional, Tuple, Type
 
 import torch
 
-
-def atomic_save(obj, path: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves half a checkpoint."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+from fileio import atomic_save  # noqa: F401  (re-exported: checkpoints are written by the one atomic writer)
 
 
 def read_checkpoint(path: str, what: str, error: Type[Exception], expected: str = "a checkpoint",

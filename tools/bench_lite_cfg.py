@@ -11,17 +11,15 @@ same packed batch (README "Lite-CFG"). Prints the measured time ratio next to th
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from config import load_config
+from models import create_model
+from tools.flops import dcdit_flops_coeffs, forced_kept, quadratic
 
-from config import load_config  # noqa: E402
-from models import create_model  # noqa: E402
-from tools.flops import dcdit_flops_coeffs, forced_kept, quadratic  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where configs/ lives
 
 
 def main(argv=None):

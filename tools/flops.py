@@ -1,10 +1,9 @@
 """Parameters and TFLOPs per image, in the paper's convention (Table 1), for DiT and DC-DiT.
 
-Convention (paper §4, Table 1; REFERENCE.md "Paper Table 1 baselines"): count one forward pass at
-batch 1 with torch's FlopCounterMode, which charges 2 FLOPs per multiply-add of every matmul,
-convolution and attention product and nothing for element-wise work (norms, activations, softmax);
-then TFLOPs/img = forward FLOPs x sampling steps (250, DDPM) x 2 when classifier-free guidance runs
-a conditional and an unconditional row per image.
+Convention (paper §4, Table 1): count one forward pass at batch 1 with torch's FlopCounterMode,
+which charges 2 FLOPs per multiply-add of every matmul, convolution and attention product and nothing
+for element-wise work (norms, activations, softmax); then TFLOPs/img = forward FLOPs x sampling steps
+(250, DDPM) x 2 when classifier-free guidance runs a conditional and an unconditional row per image.
 
 DC-DiT's cost depends on M, the tokens its inner blocks keep. For a fixed M every layer has a fixed
 shape, so the forward FLOPs per sample are exactly a + b M + c M^2: the encoder, router, residual
@@ -34,7 +33,6 @@ import copy
 import json
 import math
 import os
-import sys
 from contextlib import contextmanager
 from fractions import Fraction
 from typing import Optional, Sequence, Tuple
@@ -46,15 +44,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python tools/flops.py` puts tools/ on the path, not the repository root
-    sys.path.insert(0, ROOT)
+from config import add_config_args, config_from_args, load_config, main_guard
+from models import DCDiT, DiT, create_model
+from models.dydit import BlockDims, DyDiTInfo, block_flops, dydit_blocks, dydit_execution
+from models.dydit import static_block_flops
+from models.routing import RouterOutput
 
-from config import add_config_args, config_from_args, load_config, main_guard  # noqa: E402
-from models import DCDiT, DiT, create_model  # noqa: E402
-from models.dydit import BlockDims, DyDiTInfo, block_flops, dydit_blocks, dydit_execution  # noqa: E402
-from models.dydit import static_block_flops  # noqa: E402
-from models.routing import RouterOutput  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where configs/ lives
 
 DEFAULT_STEPS = 250  # paper §4: DDPM sampling with 250 steps
 
