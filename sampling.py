@@ -224,7 +224,7 @@ def class_grid(labels: Sequence[int], nrow: int) -> tuple:
         return order, len(order) // len(classes), [f"class {c}" for c in classes]
     cols = max(1, min(nrow, len(labels)))
     rows = [labels[r:r + cols] for r in range(0, len(labels), cols)]
-    names = [f"class {row[0]}" if len(set(row)) == 1 else " ".join(map(str, row)) for row in rows]
+    names = [f"class {row[0]}" if len(set(row)) == 1 else ", ".join(map(str, row)) for row in rows]
     return list(range(len(labels))), cols, names
 
 

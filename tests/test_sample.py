@@ -97,8 +97,8 @@ def test_class_grid_gives_each_repeated_class_a_row():
     rows = sampling.class_grid([0, 1, 2, 0, 1, 2], nrow=10)
     assert rows == ([0, 3, 1, 4, 2, 5], 2, ["class 0", "class 1", "class 2"])
     # Distinct or unevenly repeated classes keep their order, nrow per row, labelled with the row's classes.
-    assert sampling.class_grid([207, 360, 387], nrow=2) == ([0, 1, 2], 2, ["207 360", "class 387"])
-    assert sampling.class_grid([1, 1, 2], nrow=4) == ([0, 1, 2], 3, ["1 1 2"])
+    assert sampling.class_grid([207, 360, 387], nrow=2) == ([0, 1, 2], 2, ["207, 360", "class 387"])
+    assert sampling.class_grid([1, 1, 2], nrow=4) == ([0, 1, 2], 3, ["1, 1, 2"])
 
 
 def test_chunking_viz_reports_the_kept_shares_it_draws(tiny, tmp_path):
