@@ -22,13 +22,14 @@ import math
 import os
 import re
 import sys
-import tempfile
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from fileio import atomic_write
 
 # Allowed values of the string-choice fields; scripts may reuse them as argparse `choices`.
 RESIDUAL_INITS = ("xavier", "zero")  # residual_proj weight: what the release trains | H-Net's zero init
@@ -334,18 +335,9 @@ def format_config(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    """Write format_config(cfg) to `path` atomically (temp file + rename), creating its folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".config-", suffix=".yaml.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(format_config(cfg))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write format_config(cfg) to `path` atomically (fileio.atomic_write), creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: f.write(format_config(cfg).encode()))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,16 +13,18 @@ Preprocessing is DiT's: ADM center crop, then [-1, 1].
 import argparse
 import os
 import sys
+from functools import partial
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from data import DataError, center_crop_arr, feature_dirs
+from distributed import barrier, setup_distributed, teardown_distributed
+from fileio import atomic_write
 from vae import load_vae
 
 NOISE_STREAM = 0  # seed streams, so the flip coin and the posterior noise of an image are independent
@@ -30,7 +32,11 @@ FLIP_STREAM = 1
 
 
 def image_seed(seed, index, stream=NOISE_STREAM):
-    """A well-mixed 64-bit seed from (seed, index, stream): per-image randomness without a global RNG."""
+    """A well-mixed 64-bit seed from (seed, index, stream): per-image randomness without a global RNG.
+
+    Deliberately not sampling.image_seed: a feature folder's latents are a function of this hash (the
+    posterior noise of file i), so a resumed, re-run or split extraction must keep drawing from it to give
+    the same folder, and its streams (noise, flip) are numbered apart from the sampling streams."""
     return int(np.random.SeedSequence([seed, index, stream]).generate_state(1, dtype=np.uint64)[0])
 
 
@@ -95,30 +101,6 @@ def is_done(features_dir, labels_dir, out_index, feature_shape):
             and _npy_ok(os.path.join(labels_dir, f"{out_index}.npy"), (1,)))
 
 
-def save_npy(path, arr):
-    """Write through a temporary name and rename, so a killed run never leaves a half-written file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
-
-
-def setup_distributed(device_arg):
-    """(rank, world_size, device); torch.distributed only when launched by torchrun."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, torch.device(device_arg)
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device_arg == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=device)
-    else:
-        device = torch.device(device_arg)
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    return rank, world_size, device
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-path", required=True, help="ImageFolder root: data_path/<class>/<image>")
@@ -181,15 +163,14 @@ def main(argv=None):
             z = vae.encode(x).latent_dist.sample(generator=generators) * scale  # (B*K, 4, h, w)
             z = z.float().cpu().numpy()
             for j, zj, yj in zip(out, z, labels.tolist()):
-                save_npy(os.path.join(labels_dir, f"{j}.npy"), np.array([yj], dtype=np.int64))  # (1,)
-                save_npy(os.path.join(features_dir, f"{j}.npy"), zj[None])  # (1, 4, h, w)
-        if world_size > 1:
-            dist.barrier()
+                # Atomic: a killed run leaves each .npy whole or absent, never half written.
+                atomic_write(os.path.join(labels_dir, f"{j}.npy"), partial(np.save, arr=np.array([yj], dtype=np.int64)))
+                atomic_write(os.path.join(features_dir, f"{j}.npy"), partial(np.save, arr=zj[None]))  # (1, 4, h, w)
+        barrier()
         if rank == 0:
             print(f"done: {len(images) * len(output_indices(0, args.flip))} latents in {args.features_path}")
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed()
 
 
 def cli(argv=None):

@@ -6,7 +6,7 @@
     python sample_ddp.py ...             # the same, in one process
 
 Image i is written to DIR/{i:06d}.png. Its starting noise, per-step noise and class label come from
-generators seeded by (seed, i) (sample.image_generators / class_labels), so the N images are the same
+generators seeded by (seed, i) (sampling.image_generators / class_labels), so the N images are the same
 whatever the number of processes and the batch size (EDM2's per-image seeding). Rank r takes the
 indices r, r + W, r + 2W, ...; an index whose PNG already exists and decodes at the right size is
 skipped, so a killed run continues by rerunning the same command (a PNG truncated by the kill fails
@@ -28,13 +28,14 @@ import sys
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from config import add_config_args, config_to_dict, main_guard
 from data import to_uint8_images
+from distributed import barrier, broadcast_object, gather_objects, setup_distributed, teardown_distributed
+from fileio import atomic_write
 from models import is_dcdit
-from sample import (SampleError, Sampler, add_sampling_args, class_labels, describe_budgets, generate, image_size,
-                    load_model_for_sampling, load_vae_if_latent, uncond_budget)
+from sampling import (SampleError, Sampler, add_sampling_args, class_labels, describe_budgets, generate, image_size,
+                      load_model_for_sampling, load_vae_if_latent, uncond_budget)
 from models.flops import count_params, dcdit_flops_coeffs, dydit_dims, dydit_info_row_flops, static_block_flops
 
 SETTINGS_FILE = ".settings.json"  # inside DIR: what its PNGs were drawn with, checked on resume
@@ -66,56 +67,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Processes
-# ----------------------------------------------------------------------------------------------------
-
-def init_distributed(device_flag: str):
-    """-> (rank, world, device). torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_flag.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SampleError(f"--device {device_flag}: no CUDA device is available; use --device cpu")
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        # DiT's sample_ddp.py samples with TF32 matmuls; per-image seeds are unaffected.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device(device_flag)
-    if world > 1:
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-    return rank, world, device
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def _broadcast(obj, world: int):
-    """rank 0's `obj` on every rank."""
-    if world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(obj, rank: int, world: int):
-    """Every rank's `obj` as a list on rank 0 (None elsewhere)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------------
 
@@ -138,21 +89,11 @@ def png_ok(path: str, size: int) -> bool:
         return False
 
 
-def save_png_atomic(arr: np.ndarray, path: str) -> None:
-    """(H, W, 3) uint8 -> PNG via a temporary name and a rename, so a kill never leaves half a PNG under
-    the final name (the temporary name does not end in .png, so folder readers never see it)."""
+def save_png(arr: np.ndarray, path: str) -> None:
+    """(H, W, 3) uint8 -> PNG, written atomically (fileio.atomic_write): a kill never leaves half a PNG
+    under the final name, and the temporary name does not end in .png, so folder readers never see it."""
     from PIL import Image
-    tmp = f"{path}.tmp.{os.getpid()}"
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def write_atomic(path: str, write) -> None:
-    """Call write(file object) on a temporary file, then rename it to `path`."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
 
 
 def read_npz_images(out_dir: str, n: int, size: int, progress: bool) -> np.ndarray:
@@ -186,7 +127,7 @@ def check_settings(out_dir: str, settings: dict) -> str:
             return (f"--output-dir {out_dir} holds images drawn with different settings ({diff}); use another "
                     f"--output-dir, or delete {path} if mixing them is intended")
         return ""
-    write_atomic(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
     return ""
 
 
@@ -227,7 +168,7 @@ class RunLog:
 
 
 class GateLog:
-    """Stands in for a DyDiT model inside sample.Sampler: passes every call through unchanged and adds up,
+    """Stands in for a DyDiT model inside sampling.Sampler: passes every call through unchanged and adds up,
     per sampling step, what the gates left (ChunkInfo.dydit, priced by models.flops.dydit_info_row_flops).
 
     Per step it sums over rows: [rows, FLOPs as run, DC-DiT FLOPs at the same kept tokens, the inner
@@ -365,12 +306,15 @@ def measure_tflops(model, cfg, merged: dict):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = init_distributed(args.device)
+    rank, world, device = setup_distributed(args.device)
+    if device.type == "cuda":
+        # DiT's sample_ddp.py samples with TF32 matmuls; per-image seeds are unaffected.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     try:
         run(args, rank, world, device)
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed()
 
 
 @torch.no_grad()
@@ -386,12 +330,12 @@ def run(args, rank: int, world: int, device) -> None:
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         problem = check_settings(out_dir, run_settings(cfg, args))
-    problem = _broadcast(problem, world)
+    problem = broadcast_object(problem)
     if problem:
         raise SampleError(problem)
 
     todo = [i for i in range(rank, n_total, world) if not png_ok(png_path(out_dir, i), size)]
-    counts = _gather(len(todo), rank, world)
+    counts = gather_objects(len(todo))
     if rank == 0:
         remaining = sum(counts)
         print(f"{cfg.model.name}: {n_total} images in {out_dir} ({n_total - remaining} already there), "
@@ -407,21 +351,21 @@ def run(args, rank: int, world: int, device) -> None:
         sampler = Sampler(runner, cfg, s.cfg_scale, s.tail_dropping_fraction, uncond_budget(cfg), keep_maps=False)
         images = generate(model, cfg, labels, seed=s.seed, device=device, indices=batch, sampler=sampler, vae=vae)
         for i, arr in zip(batch, to_uint8_images(images)):                         # (n, H, W, 3)
-            save_png_atomic(arr, png_path(out_dir, i))
+            save_png(arr, png_path(out_dir, i))
         log.add(batch, sampler.records, use_cfg)
         bar.update(len(batch))
     bar.close()
 
-    _barrier(world)
-    payloads = _gather(log.payload(), rank, world)
-    gate_payloads = _gather(gates.payload() if gates is not None else None, rank, world)
+    barrier()
+    payloads = gather_objects(log.payload())
+    gate_payloads = gather_objects(gates.payload() if gates is not None else None)
     if rank != 0:
         return
     missing = [i for i in range(n_total) if not os.path.isfile(png_path(out_dir, i))]
     if missing:
         raise SampleError(f"{len(missing)} PNGs missing after sampling (first {png_path(out_dir, missing[0])}); rerun")
     arr = read_npz_images(out_dir, n_total, size, progress=True)                   # (N, H, W, 3)
-    write_atomic(f"{out_dir}.npz", lambda f: np.savez(f, arr_0=arr))
+    atomic_write(f"{out_dir}.npz", lambda f: np.savez(f, arr_0=arr))
     merged = merge_logs(payloads, use_cfg)
     report = {
         "config": config_to_dict(cfg), "ckpt": os.path.abspath(args.ckpt), "use_ema": not args.no_ema,
@@ -438,7 +382,7 @@ def run(args, rank: int, world: int, device) -> None:
                                           cfg.dydit.target_ratio)
         if report["dydit"] is not None:  # what ran; the DC-DiT's cost at the same kept tokens stays in `dydit`
             report["tflops_per_img"] = report["dydit"]["tflops_per_img"]
-    write_atomic(f"{out_dir}.json", lambda f: f.write(dump_json(report).encode()))
+    atomic_write(f"{out_dir}.json", lambda f: f.write(dump_json(report).encode()))
     tflops = report["tflops_per_img"]
     tflops = "n/a (no image drawn in this run)" if tflops is None else f"{tflops:.4g}"
     print(f"wrote {out_dir}.npz {tuple(arr.shape)} and {out_dir}.json (TFLOPs/img {tflops})", flush=True)

@@ -40,12 +40,14 @@ from tqdm import tqdm
 from config import add_config_args, config_from_args, config_to_dict, load_config, main_guard, save_config
 from data import build_dataset
 from diffusion import create_diffusion
+from fileio import atomic_save
 from models import create_model, is_dcdit
-from models.checkpoint_io import atomic_save, read_checkpoint
+from models.checkpoint_io import read_checkpoint
 from models.dydit import flops_loss, flops_ratio, load_dcdit_weights, read_dcdit_checkpoint
 from models.routing import compression_stats, ratio_loss
 from models.upcycle import (build_teacher, distillation_loss, freeze_embedders, load_dit_checkpoint,
                             reset_untouched_adam_state, upcycle_, upcycle_model_config)
+from sampling import class_grid, generate, save_grid
 from models.flops import dcdit_flops_coeffs
 
 
@@ -195,13 +197,12 @@ def multi_budget_fraction(cfg, step: int) -> float:
     return float(t.multi_budget_drop_fractions[int(torch.randint(len(t.multi_budget_drop_fractions), (1,), generator=g))])
 
 
-def sample_grid(ema, diffusion_cfg, cfg, device, path: str) -> None:
-    """Periodic EMA samples (one per class, CFG), saved as a PNG grid."""
-    from sample import generate, save_grid
+def sample_grid(ema, cfg, device, path: str) -> None:
+    """Periodic EMA samples (one per class, CFG), saved as a PNG grid with each row's classes beside it."""
     labels = torch.arange(min(cfg.model.num_classes, 16), device=device)
     images = generate(ema, cfg, labels, seed=cfg.sample.seed, device=device)
-    if images is not None:
-        save_grid(images, path, nrow=int(math.ceil(len(labels) ** 0.5)))
+    order, per_row, row_labels = class_grid(labels.tolist(), nrow=int(math.ceil(len(labels) ** 0.5)))
+    save_grid(images[order], path, nrow=per_row, row_labels=row_labels)
 
 
 # ----------------------------------------------------------------------------- main
@@ -475,7 +476,7 @@ def main(argv=None):
             save(done)
             accelerator.wait_for_everyone()
         if tc.sample_every > 0 and done % tc.sample_every == 0 and accelerator.is_main_process:
-            sample_grid(ema, cfg.diffusion, cfg, device, os.path.join(run_dir, f"samples_{done:07d}.png"))
+            sample_grid(ema, cfg, device, os.path.join(run_dir, f"samples_{done:07d}.png"))
     bar.close()
     logger.info("done")
     if wandb_run is not None:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fileio import atomic_write
+
 CACHE_VERSION = 1  # bump when what is stored changes
 
 
@@ -52,15 +54,10 @@ def _save_cache(path, key, acts):
     arrays = {"key": np.array(key), "pool": acts.pool, "spatial": acts.spatial}
     if acts.logits is not None:
         arrays["logits"] = acts.logits
-    tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)  # atomic: a killed run never leaves half a cache
+        atomic_write(path, lambda f: np.savez(f, **arrays))  # a killed run never leaves half a cache
     except OSError as e:  # a read-only input folder only costs the speed-up
         print(f"warning: activation cache {path} not written ({e})", file=sys.stderr)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def compute_activations(net, source, batch_size=64, device="cpu", use_cache=True, desc="activations"):

@@ -10,12 +10,7 @@ them to JSON. A metric the weights cannot give (IS without a classifier layer) i
 """
 import argparse
 import json
-import os
 import sys
-
-if __package__ in (None, ""):  # run as `python evaluations/evaluate.py`: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 from evaluations import add_network_args, check_network_args, run_cli
 from evaluations.activations import compute_activations

@@ -13,9 +13,6 @@ import argparse
 import os
 import sys
 
-if __package__ in (None, ""):  # run as `python evaluations/make_reference.py`: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np
 import torch
 

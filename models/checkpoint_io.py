@@ -1,28 +1,12 @@
-"""Reading and writing checkpoints, shared by train.py, sample.py, upcycling and DyDiT fine-tuning.
+"""Reading checkpoints, shared by train.py, sampling, upcycling and DyDiT fine-tuning; writing is fileio's.
 
 Every read goes through torch.load(weights_only=True) on the CPU (no pickled code runs), and a missing
-or unreadable file becomes one error of the caller's own class naming the setting and the path. Every
-write is atomic: a crash leaves the previous file or the new one, never half of one.
+or unreadable file becomes one error of the caller's own class naming the setting and the path.
 """
 import os
 from typing import Optional, Tuple, Type
 
 import torch
-
-
-def atomic_save(obj, path: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves half a checkpoint."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read_checkpoint(path: str, what: str, error: Type[Exception], expected: str = "a checkpoint",

@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tests exercise this checkout, whatever copy of the repository is installed: its root comes first on the
+# path of this process and, through PYTHONPATH, of every script and tool the tests start.
+sys.path.insert(0, ROOT)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [ROOT, *os.environ.get("PYTHONPATH", "").split(os.pathsep)] if p)
 
 # A tiny DC-DiT whose predictability router (bias 0) keeps about half of the tokens, a different number per sample.
 TINY_DCDIT = dict(input_size=8, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10, norm_groups=4,

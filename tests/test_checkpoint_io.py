@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from models.checkpoint_io import atomic_save, model_state, read_checkpoint
+from fileio import atomic_save
+from models.checkpoint_io import model_state, read_checkpoint
 
 
 class Bad(Exception):

@@ -357,8 +357,7 @@ def test_dry_run_prints_resolved_yaml_and_exits_0(capsys):
 
 
 SCRIPT = """
-import argparse, sys
-sys.path.insert(0, {root!r})
+import argparse
 import config
 
 class DataProblem(RuntimeError):
@@ -382,7 +381,7 @@ main()
 
 def run_script(tmp_path, *argv):
     script = tmp_path / "script.py"
-    script.write_text(SCRIPT.format(root=ROOT))
+    script.write_text(SCRIPT)
     return subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=60)
 
 

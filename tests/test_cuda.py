@@ -62,7 +62,7 @@ def _padded_reference(q, k, v, lengths):
 def test_every_packed_backend_equals_padded_attention(dtype):
     from models.attention import TokenLayout
     torch.manual_seed(0)
-    B, H, Dh = len(LENGTHS), 4, 64
+    H, Dh = 4, 64
     valid = torch.arange(max(LENGTHS), device=DEVICE)[None] < torch.tensor(LENGTHS, device=DEVICE)[:, None]
     layout = TokenLayout.build(valid, True, LENGTHS)
     T = sum(LENGTHS)

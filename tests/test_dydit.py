@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-import sample
 import sample_ddp
+import sampling
 from config import ConfigError, load_config
 from conftest import ROOT, TINY_DCDIT, run_script
 from conftest import trained_tiny_dcdit as dcdit
@@ -225,9 +225,9 @@ def test_digits_fine_tune_settles_at_lambda_and_samples_at_its_flops(tmp_path, m
     assert all(abs(r["flops_ratio"] - 0.7) < 0.05 for r in recs[-3:]), [r["flops_ratio"] for r in recs]
     assert recs[-1]["diffusion_loss"] < recs[0]["diffusion_loss"]
 
-    # sample.py builds its model with create_model(cfg.model); hand it the run's DyDiT settings.
+    # sampling builds its model with create_model(cfg.model); hand it the run's DyDiT settings.
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
-    monkeypatch.setattr(sample, "create_model", lambda model_cfg, *_: create_model(model_cfg, cfg.dydit))
+    monkeypatch.setattr(sampling, "create_model", lambda model_cfg, *_: create_model(model_cfg, cfg.dydit))
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
     out = tmp_path / "samples"

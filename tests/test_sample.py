@@ -1,4 +1,5 @@
-"""sample.py: grid and chunking_viz, per-image seeds (batch independence), tail dropping, Lite-CFG, flag errors."""
+"""sampling.py and sample.py: grids, chunking_viz, per-image seeds (batch independence), tail dropping, Lite-CFG,
+flag errors."""
 import argparse
 import copy
 
@@ -8,7 +9,10 @@ import torch
 from PIL import Image
 
 import sample
+import sampling
+import visualize
 from config import config_to_dict, load_config, main_guard
+from data import to_uint8_images
 from models import create_model
 
 # A pixel-space DC-DiT small enough for a 2-core CPU: 1 x 8 x 8 "digits", width 32, one inner block.
@@ -43,7 +47,7 @@ def make_checkpoint(path, overrides=TINY_DCDIT, seed=0, router_bias=0.0):
 
 def load(path):
     args = argparse.Namespace(config=None, overrides=[], dry_run=False)
-    return sample.load_model_for_sampling(args, path)
+    return sampling.load_model_for_sampling(args, path)
 
 
 @pytest.fixture(scope="module")
@@ -55,21 +59,54 @@ def tiny(tmp_path_factory):
 
 def test_grid_and_chunking_viz_written(tiny, tmp_path, capsys):
     path, _, _ = tiny
-    sample.main(["--ckpt", path, "--out-dir", str(tmp_path), "--class-labels", "0", "1", "2",
+    sample.main(["--ckpt", path, "--out-dir", str(tmp_path), "--class-labels", "0", "1", "2", "0", "1", "2",
                  "--num-sampling-steps", "3", "--num-viz-samples", "2", "--device", "cpu"])
     grid = np.asarray(Image.open(tmp_path / "sample.png"))
-    assert grid.shape == (2 + 8 + 2, 2 + 3 * (8 + 2), 3)  # 3 images of 8 px in one row, 2 px gutters
+    # One row per class (each drawn twice), the 8 px images enlarged 8x to 64 px, 2 px gutters, labels on the left.
+    assert grid.shape[0] == 2 + 3 * (64 + 2) and grid.shape[1] > 2 + 2 * (64 + 2)
     assert Image.open(tmp_path / "chunking_viz.png").size[0] > 100
     out = capsys.readouterr().out
     assert "kept-token share per column" in out
 
 
+def test_save_grid_enlarges_small_images_exactly_and_labels_rows(tmp_path):
+    images = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1   # (B, C, H, W)
+    path = str(tmp_path / "grid.png")
+    k = sampling.save_grid(images, path, nrow=3, row_labels=["class 0", "class 1"])
+    assert k == 4                                                                           # 16 px -> 64 px
+    grid = np.asarray(Image.open(path))                                                     # (H, W, 3)
+    want = to_uint8_images(images)                                                          # (5, 16, 16, 3)
+    side, margin = 64 + 2, grid.shape[1] - (2 + 3 * (64 + 2))
+    assert grid.shape[0] == 2 + 2 * side and margin > 0
+    for i in range(5):
+        r, c = divmod(i, 3)
+        cell = grid[2 + r * side:2 + r * side + 64, margin + 2 + c * side:margin + 2 + c * side + 64]
+        assert np.array_equal(cell[::k, ::k], want[i])                          # a k-fold downscale gives it back
+        assert np.array_equal(cell, want[i].repeat(k, 0).repeat(k, 1))          # every pixel a k x k block
+    assert grid[2:2 + 64, :margin].any() and grid[2 + side:2 + side + 64, :margin].any()  # a label per row
+    assert not grid[2 + side:, margin + 2 + 2 * side:].any()                    # the empty sixth cell stays black
+
+    big = str(tmp_path / "big.png")
+    assert sampling.save_grid(torch.zeros(2, 3, 64, 64), big, nrow=2) == 1
+    assert np.asarray(Image.open(big)).shape == (2 + 64 + 2, 2 + 2 * (64 + 2), 3)  # no label margin, no enlarging
+    with pytest.raises(ValueError, match="2 row labels for 1 rows"):
+        sampling.save_grid(torch.zeros(2, 3, 64, 64), big, nrow=2, row_labels=["a", "b"])
+
+
+def test_class_grid_gives_each_repeated_class_a_row():
+    rows = sampling.class_grid([0, 1, 2, 0, 1, 2], nrow=10)
+    assert rows == ([0, 3, 1, 4, 2, 5], 2, ["class 0", "class 1", "class 2"])
+    # Distinct or unevenly repeated classes keep their order, nrow per row, labelled with the row's classes.
+    assert sampling.class_grid([207, 360, 387], nrow=2) == ([0, 1, 2], 2, ["207, 360", "class 387"])
+    assert sampling.class_grid([1, 1, 2], nrow=4) == ([0, 1, 2], 3, ["1, 1, 2"])
+
+
 def test_chunking_viz_reports_the_kept_shares_it_draws(tiny, tmp_path):
     _, model, cfg = tiny
-    sampler = sample.Sampler(model, cfg, 2.0)
-    images, steps = sample.generate(model, cfg, torch.tensor([3, 4, 5]), sampler=sampler, progressive=True)
+    sampler = sampling.Sampler(model, cfg, 2.0)
+    images, steps = sampling.generate(model, cfg, torch.tensor([3, 4, 5]), sampler=sampler, progressive=True)
     assert images.shape == (3, 1, 8, 8) and len(steps) == len(sampler.records) == 4
-    viz = sample.chunking_viz(steps, sampler.records, cfg, str(tmp_path / "viz.png"), num_samples=3, num_cols=4)
+    viz = visualize.chunking_viz(steps, sampler.records, cfg, str(tmp_path / "viz.png"), num_samples=3, num_cols=4)
     assert (tmp_path / "viz.png").stat().st_size > 0
     assert viz["timesteps"] == [999, 666, 333, 0]
     for k, shares in enumerate(viz["kept_share"]):
@@ -78,7 +115,7 @@ def test_chunking_viz_reports_the_kept_shares_it_draws(tiny, tmp_path):
         # A realistic router: well above the 2 forced endpoints, below all 64 tokens.
         assert all(0.2 < s < 0.9 for s in shares)
     with pytest.raises(ValueError, match="one DC-DiT record"):
-        sample.chunking_viz(steps, sampler.records[:2], cfg, str(tmp_path / "bad.png"))
+        visualize.chunking_viz(steps, sampler.records[:2], cfg, str(tmp_path / "bad.png"))
 
 
 def short(cfg, steps=2):
@@ -89,8 +126,8 @@ def short(cfg, steps=2):
 
 
 def _kept(model, cfg, labels, f, uncond=None, cfg_scale=2.0):
-    sampler = sample.Sampler(model, cfg, cfg_scale, f, uncond, keep_maps=False)
-    sample.generate(model, short(cfg), labels, seed=1, sampler=sampler)
+    sampler = sampling.Sampler(model, cfg, cfg_scale, f, uncond, keep_maps=False)
+    sampling.generate(model, short(cfg), labels, seed=1, sampler=sampler)
     return torch.stack([r["kept"] for r in sampler.records])  # (steps, rows)
 
 
@@ -124,14 +161,14 @@ def test_same_image_alone_or_in_a_batch(tiny):
     of magnitude ~500 (~2e-7 relative, float noise of batched kernels); distinct indices differ by ~1e2."""
     _, model, cfg = tiny
     labels = torch.tensor([1, 2, 3, 4, 5, 6])
-    batch = sample.generate(model, cfg, labels, seed=3)                                  # indices 0..5
-    alone = sample.generate(model, cfg, labels[3:4], seed=3, indices=[3])
-    shuffled = sample.generate(model, cfg, labels[[5, 3]], seed=3, indices=[5, 3])
+    batch = sampling.generate(model, cfg, labels, seed=3)                                # indices 0..5
+    alone = sampling.generate(model, cfg, labels[3:4], seed=3, indices=[3])
+    shuffled = sampling.generate(model, cfg, labels[[5, 3]], seed=3, indices=[5, 3])
     scale = batch.abs().max().item()
     for got, want in ((alone[0], batch[3]), (shuffled[1], batch[3]), (shuffled[0], batch[5])):
         assert (got - want).abs().max().item() <= 1e-6 * max(1.0, scale)
     assert (batch[3] - batch[4]).abs().max().item() > 1e-2 * max(1.0, scale)  # seeds really differ
-    other_seed = sample.generate(model, cfg, labels[3:4], seed=4, indices=[3])
+    other_seed = sampling.generate(model, cfg, labels[3:4], seed=4, indices=[3])
     assert (other_seed[0] - batch[3]).abs().max().item() > 1e-2 * max(1.0, scale)
 
 
@@ -139,10 +176,10 @@ def test_generate_uses_eval_mode_and_restores_it(tiny):
     """Label dropout must be off while sampling even if the caller left the model training."""
     _, model, cfg = tiny
     labels, cfg = torch.tensor([0, 7]), short(cfg)
-    ref = sample.generate(model, cfg, labels, seed=5)
+    ref = sampling.generate(model, cfg, labels, seed=5)
     model.train()
     try:
-        got = sample.generate(model, cfg, labels, seed=5)
+        got = sampling.generate(model, cfg, labels, seed=5)
         assert model.training
     finally:
         model.eval()
@@ -150,23 +187,23 @@ def test_generate_uses_eval_mode_and_restores_it(tiny):
 
 
 def test_seeds_and_labels_depend_only_on_the_image_index():
-    labels = sample.class_labels(0, range(400), 10)
-    assert torch.equal(sample.class_labels(0, [17, 3], 10), labels[[17, 3]])
+    labels = sampling.class_labels(0, range(400), 10)
+    assert torch.equal(sampling.class_labels(0, [17, 3], 10), labels[[17, 3]])
     assert set(labels.tolist()) == set(range(10)) and labels.bincount().min() > 20   # uniform-ish
-    assert not torch.equal(sample.class_labels(1, range(400), 10), labels)
-    seeds = {sample.image_seed(s, i, k) for s in (0, 1, 2 ** 32 - 1) for i in (0, 1, 10 ** 6) for k in (0, 1, 2)}
+    assert not torch.equal(sampling.class_labels(1, range(400), 10), labels)
+    seeds = {sampling.image_seed(s, i, k) for s in (0, 1, 2 ** 32 - 1) for i in (0, 1, 10 ** 6) for k in (0, 1, 2)}
     assert len(seeds) == 27 and max(seeds) < 2 ** 64
-    a = torch.randn(3, generator=sample.image_generators(0, [5])[0])
-    b = torch.randn(3, generator=sample.image_generators(0, [2, 5])[1])
+    a = torch.randn(3, generator=sampling.image_generators(0, [5])[0])
+    b = torch.randn(3, generator=sampling.image_generators(0, [2, 5])[1])
     assert torch.equal(a, b)
 
 
 def test_image_seed_is_its_documented_formula():
     """(stream << 56) + seed * 1_000_003 + index, with the expected seeds worked out by hand."""
-    assert sample.image_seed(0, 0) == 0
-    assert sample.image_seed(7, 3) == 7_000_024                                    # 7 * 1_000_003 + 3
-    assert sample.image_seed(2, 5, sample.UNCOND_NOISE_STREAM) == 72_057_594_039_927_947  # 2**56 + 2_000_006 + 5
-    assert sample.image_seed(1, 0, sample.LABEL_STREAM) == 144_115_188_076_855_875  # 2**57 + 1_000_003
+    assert sampling.image_seed(0, 0) == 0
+    assert sampling.image_seed(7, 3) == 7_000_024                                    # 7 * 1_000_003 + 3
+    assert sampling.image_seed(2, 5, sampling.UNCOND_NOISE_STREAM) == 72_057_594_039_927_947  # 2**56 + 2_000_006 + 5
+    assert sampling.image_seed(1, 0, sampling.LABEL_STREAM) == 144_115_188_076_855_875  # 2**57 + 1_000_003
 
 
 def test_generator_of_image_i_is_seeded_by_seed_and_i():
@@ -174,18 +211,18 @@ def test_generator_of_image_i_is_seeded_by_seed_and_i():
     indices[k])) draws; indices out of order and with a gap, so an off-by-one or a positional index shows."""
     indices = [4, 0, 3]
     seeds = [9_000_031, 9_000_027, 9_000_030]  # 9 * 1_000_003 + i
-    for g, seed in zip(sample.image_generators(9, indices), seeds):
+    for g, seed in zip(sampling.image_generators(9, indices), seeds):
         want = torch.randn(5, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(torch.randn(5, generator=g), want), seed
-    for g, i in zip(sample.image_generators(9, indices, stream=sample.LABEL_STREAM), indices):
-        want = torch.randn(5, generator=torch.Generator().manual_seed(sample.image_seed(9, i, sample.LABEL_STREAM)))
+    for g, i in zip(sampling.image_generators(9, indices, stream=sampling.LABEL_STREAM), indices):
+        want = torch.randn(5, generator=torch.Generator().manual_seed(sampling.image_seed(9, i, sampling.LABEL_STREAM)))
         assert torch.equal(torch.randn(5, generator=g), want), i
     # The label of image i is the first draw of its label-stream generator.
     label = torch.randint(10, (1,), generator=torch.Generator().manual_seed(2 ** 57 + 9_000_030))
-    assert sample.class_labels(9, [3], 10).tolist() == label.tolist()
+    assert sampling.class_labels(9, [3], 10).tolist() == label.tolist()
 
 
-class _FirstInput(sample.Sampler):
+class _FirstInput(sampling.Sampler):
     """A Sampler that keeps the x_T the diffusion loop hands the model first."""
 
     def __call__(self, x, t, y):
@@ -202,7 +239,7 @@ def test_generate_starts_image_i_from_the_noise_of_seed_and_i(tiny):
 
     def first_input(**kw):
         sampler = _FirstInput(model, cfg, cfg.sample.cfg_scale, keep_maps=False)
-        sample.generate(model, cfg, torch.tensor([1, 2]), seed=9, sampler=sampler, **kw)
+        sampling.generate(model, cfg, torch.tensor([1, 2]), seed=9, sampler=sampler, **kw)
         return sampler.x_T                                                  # (2B, C, H, W) under CFG
 
     for kw, seeds in ((dict(indices=[4, 3]), [9_000_031, 9_000_030]), ({}, [9_000_027, 9_000_028])):

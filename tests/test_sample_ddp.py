@@ -13,7 +13,7 @@ from PIL import Image
 import sample_ddp
 from config import main_guard
 from data import to_uint8_images
-from sample import class_labels, generate
+from sampling import class_labels, generate, load_model_for_sampling
 from test_sample import TINY_DIT, make_checkpoint
 from models.flops import dcdit_flops_coeffs, tflops_from_counts
 
@@ -76,7 +76,7 @@ def test_png_i_is_what_sample_py_draws_for_image_i_alone(ckpt, uninterrupted):
     image i to (seed, i). Index 3 opens the second batch of 3 and 6 is alone in the last one, so an index
     shifted by one, or counted within its batch, draws another image (all N differ)."""
     out, _, report = uninterrupted
-    model, cfg = sample_ddp.load_model_for_sampling(
+    model, cfg = load_model_for_sampling(
         argparse.Namespace(config=None, overrides=[], dry_run=False), ckpt)
     cfg.sample.cfg_scale = report["cfg_scale"]  # sample_ddp.py guides at its FID scale
     for i in (3, 6):
@@ -156,7 +156,7 @@ def test_lite_cfg_uncond_rows_cost_less(ckpt, tmp_path):
     assert lite["kept_stats"][0]["cond"] == plain["kept_stats"][0]["cond"]
     assert lite["tflops_per_img"] < plain["tflops_per_img"]
     # The reported TFLOPs are models/flops.py's price of the reported counts.
-    model, _ = sample_ddp.load_model_for_sampling(
+    model, _ = load_model_for_sampling(
         argparse.Namespace(config=None, overrides=[], dry_run=False), ckpt)
     coeffs = dcdit_flops_coeffs(model)
     assert lite["tflops_per_img"] == pytest.approx(tflops_from_counts(coeffs, lite["kept_tokens"], cfg=True))
@@ -167,7 +167,7 @@ def test_dit_run_reports_constant_flops(tmp_path):
     ckpt = make_checkpoint(tmp_path / "dit.pt", TINY_DIT)
     arr, report = run(ckpt, tmp_path / "dit", n=2, batch=2)
     assert arr.shape == (2, 8, 8, 3) and "kept_tokens" not in report and report["token_count"] == 16
-    model, _ = sample_ddp.load_model_for_sampling(
+    model, _ = load_model_for_sampling(
         argparse.Namespace(config=None, overrides=[], dry_run=False), ckpt)
     assert report["tflops_per_img"] == pytest.approx(forward_flops(model) * 3 * 2 / 1e12)
 

@@ -1,9 +1,9 @@
-"""DC-DiT performance benchmark (issue 10): one run, every measure, the ratios printed last as one table.
+"""DC-DiT performance benchmark: one run, every measure, the ratios printed last as one table.
 
 Sections (docs/performance.md gives each protocol in full):
   train    training step (forward + backward + AdamW) of DC-DiT-<size> N=4, the FLOP-matched DiT of Table 1
            and the public DiT-<size>/2: images/s and FLOPs; forward + backward of DC-DiT against DiT-<size>/2
-           next to their FLOPs ratio, and against the authors' release (issue 10's measurements, B on CPU).
+           next to their FLOPs ratio, and against the authors' release (RELEASE below: B on CPU).
   sample   a CFG sampling step at tail-drop f = 0, 0.3, 0.6: measured speed-up against the FLOPs speed-up.
   shares   time share of encoder, router, chunk, inner blocks, dechunk, decoder in a DC-DiT training step.
   packed   packed vs padded attention layout with equal and with widely varying kept counts per sample.
@@ -40,21 +40,19 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python tools/bench.py` puts tools/ on the path, not the repository root
-    sys.path.insert(0, ROOT)
+from config import ModelConfig, load_config
+from diffusion import create_diffusion
+from models import DCDiT, create_model
+from models.attention import TokenLayout
+from models.chunking import chunk, dechunk
+from models.dc_dit import ste_gate
+from models.dit import run_blocks
+from models.routing import RouterOutput, ratio_loss
+from tools.bench_model import RATIO_LOSS_WEIGHT, sync, timed
+from models.flops import count_params, dcdit_flops_coeffs, forward_flops, quadratic
+from models.routing import keep_exactly as forced_kept
 
-from config import ModelConfig, load_config  # noqa: E402
-from diffusion import create_diffusion  # noqa: E402
-from models import DCDiT, create_model  # noqa: E402
-from models.attention import TokenLayout  # noqa: E402
-from models.chunking import chunk, dechunk  # noqa: E402
-from models.dc_dit import ste_gate  # noqa: E402
-from models.dit import run_blocks  # noqa: E402
-from models.routing import RouterOutput, ratio_loss  # noqa: E402
-from tools.bench_model import RATIO_LOSS_WEIGHT, sync, timed  # noqa: E402
-from models.flops import count_params, dcdit_flops_coeffs, forward_flops, quadratic  # noqa: E402
-from models.routing import keep_exactly as forced_kept  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where configs/ lives
 
 SECTIONS = ("train", "sample", "shares", "packed", "memory", "compile")
 SIZES = ("tiny", "S", "B", "L", "XL")
@@ -63,7 +61,7 @@ CFG_SCALE = 4.0  # DiT's sampling default; it only scales the guided output, nev
 LR = 1e-4  # AdamW, paper §4 (config.TrainConfig.lr)
 MEMORY_TAG = "BENCH_MEMORY "  # prefix of the one line a memory child prints
 
-# The authors' release, measured by issue 10's author on a 2-core CPU (2 threads, torch 2.14, fp32):
+# The authors' release, measured on a 2-core CPU (2 threads, torch 2.14, fp32):
 # forward + backward of the diffusion loss + 0.03 x ratio loss, no optimizer step, median of 5, the
 # release's DC-DiT-B forced to exactly 256 kept tokens per sample against the public DiT-B/2 (256 tokens).
 # Absolute times drift between machines, so the comparison goes through DiT-B/2 measured in the same run:
@@ -74,7 +72,7 @@ RELEASE = {
     "gflops": {"dcdit": 59.1, "dit": 46.0},  # forward FLOPs at batch 1 (ratio 1.285)
 }
 
-# Issue 10's targets.
+# The targets of docs/performance.md.
 TARGET_OVERHEAD_SHARE = 0.05     # router + chunk + dechunk (+ plug-back) share of a B training step
 TARGET_SAMPLE_EFFICIENCY = 0.85  # measured / FLOPs speed-up at f = 0.6
 TARGET_PACKED_SPREAD = 0.05      # packed step time, varied / equal kept counts, within 1 +- 5%
@@ -441,7 +439,7 @@ def sample_section(suite: Suite, batch: Batch, args) -> dict:
 
 
 PIECES = ("encoder", "router", "chunk", "blocks", "dechunk", "decoder")
-OVERHEAD = ("router", "chunk", "dechunk")  # issue 10: routing + chunk + dechunk + plug-back (inside dechunk)
+OVERHEAD = ("router", "chunk", "dechunk")  # routing + chunk + dechunk + plug-back (inside dechunk)
 
 
 def shares_section(suite: Suite, batch: Batch, args) -> dict:
@@ -703,7 +701,7 @@ def train_rows(suite: Suite, r: dict) -> list:
     rel = r["release"]
     if not rel["available"]:
         return rows + [("ours / release time per step", "n/a", rel["reason"], "")]
-    return rows + [("  release DC-DiT / DiT-B/2 time (issue 10)", f"{rel['release_time_ratio']:.3f}", "", ""),
+    return rows + [("  release DC-DiT / DiT-B/2 time (RELEASE)", f"{rel['release_time_ratio']:.3f}", "", ""),
                    ("  release forward FLOPs ratio (59.1 G / 46.0 G)", f"{rel['release_flops_ratio']:.3f}", "", ""),
                    ("ours / release time per step", f"{rel['ours_over_release']:.3f}", f"<= {TARGET_VS_RELEASE:g}",
                     verdict(rel["ours_over_release"] <= TARGET_VS_RELEASE))]
@@ -844,7 +842,7 @@ def run(args) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     results["table"] = [dict(measure=n, value=v, target=t, verdict=o) for n, v, t, o in rows]
-    print("\nIssue 10 targets are stated for the B config (CPU) and B/XL (CUDA); tiny rows only check the machinery.")
+    print("\nTargets are stated for the B config (CPU) and B/XL (CUDA); tiny rows only check the machinery.")
     print_table(rows)
     return results
 

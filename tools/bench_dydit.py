@@ -24,27 +24,20 @@ round(L / N) tokens by p (tools.flops.FixedCountRouter), as in tools/bench_elast
     python tools/bench_dydit.py --tiny
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 from contextlib import ExitStack, nullcontext
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python tools/bench_dydit.py` puts tools/ on the path, not the repository root
-    sys.path.insert(0, ROOT)
-
-from config import add_config_args, config_from_args, load_config, main_guard  # noqa: E402
-from models import create_model  # noqa: E402
-from models.dydit import (dydit_blocks, dydit_execution, fix_gates, load_dcdit_weights,  # noqa: E402
-                          read_dcdit_checkpoint)
-from models.flops import block_flops, static_block_flops  # noqa: E402
-from tools.bench_elastic import add_timing_args, resolve_timing_args, step_inputs  # noqa: E402
-from models.flops import dcdit_flops_coeffs, dydit_dims, dydit_info_row_flops  # noqa: E402
-from models.routing import keep_exactly as forced_kept  # noqa: E402
+from config import add_config_args, config_from_args, load_config, main_guard
+from models import create_model
+from models.dydit import dydit_blocks, dydit_execution, fix_gates, load_dcdit_weights, read_dcdit_checkpoint
+from models.flops import block_flops, static_block_flops
+from tools.bench_elastic import add_timing_args, resolve_timing_args, step_inputs
+from models.flops import dcdit_flops_coeffs, dydit_dims, dydit_info_row_flops
+from models.routing import keep_exactly as forced_kept
 
 DEFAULT_CONFIG = "configs/DCDiT-B-N4-DyDiT.yaml"
 TINY_CONFIG = "configs/tiny/test-dydit.yaml"

@@ -4,7 +4,7 @@ One sampling step = a DC-DiT forward at batch B with CFG doubling (2B rows: cond
 unconditional), eval mode, no grad. For each tail-drop fraction f the step is timed (median of
 repeats, fractions interleaved) and priced in FLOPs from the kept counts the model itself returns
 (return_info=True) and the exact quadratic a + b M + c M^2 of tools/flops.py. The table shows
-measured speed-up over f = 0 next to the FLOPs speed-up and their ratio (the issue's target: at
+measured speed-up over f = 0 next to the FLOPs speed-up and their ratio (the target: at
 least 0.8 on CPU for the B config at batch 8).
 
 A freshly initialised cosine router keeps about 2 tokens per sample, which would leave nothing to
@@ -20,21 +20,18 @@ With --ckpt the checkpoint's router decides. The output says which.
 import argparse
 import os
 import statistics
-import sys
 import time
 from contextlib import ExitStack, nullcontext
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python tools/bench_elastic.py` puts tools/ on the path, not the repository root
-    sys.path.insert(0, ROOT)
+from config import add_config_args, main_guard
+from models import DCDiT
+from sampling import load_model_for_sampling
+from models.flops import dcdit_flops_coeffs, quadratic
+from models.routing import keep_exactly as forced_kept
 
-from config import add_config_args, main_guard  # noqa: E402
-from models import DCDiT  # noqa: E402
-from sample import load_model_for_sampling  # noqa: E402
-from models.flops import dcdit_flops_coeffs, quadratic  # noqa: E402
-from models.routing import keep_exactly as forced_kept  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where configs/ lives
 
 DEFAULT_CONFIG = "configs/DCDiT-B-N4.yaml"
 TINY_CONFIG = "configs/tiny/test-dcdit.yaml"
@@ -138,7 +135,7 @@ def main_impl(argv=None) -> None:
         fl_up, t_up = flops[0.0] / flops[f], med[0.0] / med[f]
         print(f"{f:5.2f} {kept[f].float().mean().item():8.1f} {flops[f] / 1e9:9.2f} {med[f]:9.4f} {fl_up:15.3f} "
               f"{t_up:18.3f} {t_up / fl_up:17.3f}")
-    print("target (issue): measured / FLOPs speed-up >= 0.8 on CPU for the B config at batch 8")
+    print("target: measured / FLOPs speed-up >= 0.8 on CPU for the B config at batch 8")
 
 
 main = main_guard(main_impl)

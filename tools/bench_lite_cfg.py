@@ -11,18 +11,16 @@ same packed batch (README "Lite-CFG"). Prints the measured time ratio next to th
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from config import load_config
+from models import create_model
+from models.flops import dcdit_flops_coeffs, quadratic
+from models.routing import keep_exactly as forced_kept
 
-from config import load_config  # noqa: E402
-from models import create_model  # noqa: E402
-from models.flops import dcdit_flops_coeffs, quadratic  # noqa: E402
-from models.routing import keep_exactly as forced_kept  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where configs/ lives
 
 
 def main(argv=None):

@@ -5,7 +5,7 @@ One training step = forward + backward of the diffusion loss (+ the ratio loss f
 DC-DiT-X (same width, depth, heads) is forced to keep exactly 256 tokens per sample
 (tools.flops.FixedCountRouter: its own router still runs, then the top-256 tokens by p are kept), so
 the two differ only by the scaffold: conv encoder/decoder on all L tokens, router, chunk, dechunk,
-residual path. The share of the step spent in router + chunk + dechunk (the issue's target: under
+residual path. The share of the step spent in router + chunk + dechunk (the target: under
 10% for the B config on CPU at batch 8) is measured by timing each of them, forward and backward,
 on the very tensors the step fed them. Models are freshly initialised: timing does not depend on
 the weights once M is fixed.
@@ -18,24 +18,18 @@ the medians are printed side by side, last, as one table. CUDA runs under bf16 a
     python tools/bench_model.py --tiny                   # seconds, for a quick check
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python tools/bench_model.py` puts tools/ on the path, not the repository root
-    sys.path.insert(0, ROOT)
-
-from diffusion import create_diffusion  # noqa: E402
-from models.chunking import chunk, dechunk  # noqa: E402
-from models.dc_dit import DCDiT_models  # noqa: E402
-from models.dit import DIT_SIZES, DiT_models  # noqa: E402
-from models.routing import ratio_loss  # noqa: E402
-from models.routing import keep_exactly as forced_kept  # noqa: E402
+from diffusion import create_diffusion
+from models.chunking import chunk, dechunk
+from models.dc_dit import DCDiT_models
+from models.dit import DIT_SIZES, DiT_models
+from models.routing import ratio_loss
+from models.routing import keep_exactly as forced_kept
 
 RATIO_LOSS_WEIGHT = 0.03  # paper §3.5 / config.TrainConfig.ratio_loss_weight
 # --tiny: a 16x16 grid, width 64, 2 blocks (seconds on a laptop CPU), patch 2 -> 64 tokens.
@@ -186,7 +180,7 @@ def main(argv=None) -> None:
             ("chunk (s)", f"{med['chunk']:.4f}"),
             ("dechunk (s)", f"{med['dechunk']:.4f}"),
             ("router+chunk+dechunk share of DC-DiT step", f"{100 * overhead / med['DC-DiT step']:.1f}%"),
-            ("  target (issue, B on CPU at batch 8)", "< 10%")]
+            ("  target (B on CPU at batch 8)", "< 10%")]
     for name, value in rows:
         print(f"{name:42s} {value:>10s}")
 

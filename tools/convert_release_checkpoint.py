@@ -10,15 +10,10 @@ and OUT.pt = {"model", "ema", "config", "step": 0} is written atomically. See do
 """
 import argparse
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python tools/convert_release_checkpoint.py` puts tools/ on the path, not the root
-    sys.path.insert(0, ROOT)
-
-from config import main_guard  # noqa: E402
-from models.checkpoint_io import atomic_save  # noqa: E402
-from models.release import convert_release_checkpoint  # noqa: E402
+from config import main_guard
+from fileio import atomic_save
+from models.release import convert_release_checkpoint
 
 
 def main(argv=None):

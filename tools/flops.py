@@ -10,19 +10,16 @@ a DC-DiT's cost is a + b M + c M^2 in its kept tokens M).
 import argparse
 import json
 import os
-import sys
 from typing import Optional, Sequence
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python tools/flops.py` puts tools/ on the path, not the repository root
-    sys.path.insert(0, ROOT)
-
-from config import add_config_args, config_from_args, load_config, main_guard  # noqa: E402
-from models import DiT  # noqa: E402
-from models.flops import (DEFAULT_STEPS, build_model, count_params, dcdit_flops_coeffs, forward_flops,  # noqa: E402
+from config import add_config_args, config_from_args, load_config, main_guard
+from models import DiT
+from models.flops import (DEFAULT_STEPS, build_model, count_params, dcdit_flops_coeffs, forward_flops,
                           kept_for_flops, quadratic, tflops_from_counts, tflops_per_image)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where configs/ lives
 
 # Paper Table 1 as printed (the paper's reported values, not ours): name, config, parameters in
 # millions, TFLOPs/img, and for DC-DiT the achieved average compression ratio L / M ("Avg CR").

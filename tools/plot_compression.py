@@ -11,35 +11,13 @@ the cleanest (right), the order of sampling, so the paper's claim reads left to 
 (higher compression, faster steps) early, more tokens late.
 """
 import argparse
-import json
 import os
-import sys
 from typing import Optional, Sequence
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python tools/plot_compression.py` puts tools/ on the path, not the root
-    sys.path.insert(0, ROOT)
-
-from config import main_guard  # noqa: E402
-
-
-class PlotError(ValueError):
-    """A bad input file or flag (printed as one line by main_guard)."""
-    user_error = True
-
-
-def read_run(path: str) -> dict:
-    """A sample_ddp.py JSON as a dict (errors name the file)."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise PlotError(f"{path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise PlotError(f"{path}: expected a sample_ddp.py JSON object, got {type(data).__name__}")
-    return data
+from config import main_guard
+from visualize import PlotError, pyplot, read_run, write_figure
 
 
 def compression_series(run: dict, path: str) -> dict:
@@ -85,10 +63,6 @@ def compression_series(run: dict, path: str) -> dict:
 
 def plot_compression(paths: Sequence[str], out: str, labels: Optional[Sequence[str]] = None) -> dict:
     """Write the figure; returns {label: series} (the numbers drawn) for tests and logs."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if labels is not None and len(labels) != len(paths):
         raise PlotError(f"--labels: {len(labels)} labels for {len(paths)} runs; expected one per run")
     runs = [read_run(p) for p in paths]
@@ -99,7 +73,7 @@ def plot_compression(paths: Sequence[str], out: str, labels: Optional[Sequence[s
             label = f"{label} ({os.path.basename(path)})"
         series[label] = (compression_series(run, path), run)
     has_speed = any(isinstance(run.get("images_per_second"), list) for _, run in series.values())
-    fig, axes = plt.subplots(2 if has_speed else 1, 1, figsize=(7, 6.5 if has_speed else 4), sharex=True,
+    fig, axes = pyplot().subplots(2 if has_speed else 1, 1, figsize=(7, 6.5 if has_speed else 4), sharex=True,
                              squeeze=False, layout="constrained")
     ax = axes[0, 0]
     for k, (label, (s, run)) in enumerate(series.items()):
@@ -131,9 +105,7 @@ def plot_compression(paths: Sequence[str], out: str, labels: Optional[Sequence[s
     bottom = axes[-1, 0]
     bottom.set_xlabel("diffusion timestep t (noisy -> clean)")
     bottom.invert_xaxis()  # shared x: sampling order, t = T-1 first
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    write_figure(fig, out, dpi=100)
     return {label: s for label, (s, _) in series.items()}
 
 

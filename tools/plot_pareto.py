@@ -16,12 +16,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python tools/plot_pareto.py` puts tools/ on the path, not the root
-    sys.path.insert(0, ROOT)
-
-from config import main_guard  # noqa: E402
-from tools.plot_compression import PlotError, read_run  # noqa: E402
+from config import main_guard
+from visualize import PlotError, label_fractions, pyplot, read_run, write_figure
 
 
 def read_fid(path: str) -> tuple:
@@ -62,10 +58,6 @@ def _series_key(run: dict) -> str:
 
 def plot_pareto(runs: Sequence[str], metrics: Optional[Sequence[str]], out: str) -> dict:
     """Write the figure; returns {"points": [...], "skipped": [(run, reason)], "front": [...]}."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metrics = list(metrics or [])
     if len(metrics) > len(runs):
         raise PlotError(f"--metrics: {len(metrics)} files for {len(runs)} runs; expected at most one per run "
@@ -90,14 +82,12 @@ def plot_pareto(runs: Sequence[str], metrics: Optional[Sequence[str]], out: str)
         raise PlotError("no run has both TFLOPs/img and an FID; evaluate the samples with "
                         "`python evaluations/evaluate.py REF.npz RUN.npz --out RUN_metrics.json` and pass --metrics")
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.5), layout="constrained")
     for k, name in enumerate(dict.fromkeys(p["series"] for p in points)):
         pts = sorted((p for p in points if p["series"] == name), key=lambda p: p["tflops"])
-        ax.plot([p["tflops"] for p in pts], [p["fid"] for p in pts], "o-", color=f"C{k}", label=name)
-        for p in pts:
-            if p["f"] is not None:
-                ax.annotate(f"f={p['f']:g}", (p["tflops"], p["fid"]), textcoords="offset points", xytext=(4, 4),
-                            fontsize=8)
+        xs, ys = [p["tflops"] for p in pts], [p["fid"] for p in pts]
+        ax.plot(xs, ys, "o-", color=f"C{k}", label=name)
+        label_fractions(ax, xs, ys, [p["f"] for p in pts])
     front = pareto_front([(p["tflops"], p["fid"]) for p in points])
     if len(front) > 1:
         ax.plot(*zip(*front), "k--", lw=1, alpha=0.6, label="Pareto frontier")
@@ -106,9 +96,7 @@ def plot_pareto(runs: Sequence[str], metrics: Optional[Sequence[str]], out: str)
     ax.set_title("FID vs compute across inference budgets", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    write_figure(fig, out, dpi=100)
     return {"points": points, "skipped": skipped, "front": front}
 
 

@@ -1,4 +1,4 @@
-"""The paper's claims, tested small on the bundled MNIST digits: one command, one report (issue 7).
+"""The paper's claims, tested small on the bundled MNIST digits: one command, one report.
 
     python tools/reproduce.py --out reports/mnist            # ~1 hour on a 2-core CPU
     python tools/reproduce.py --out /tmp/r --quick           # a few minutes: every section, tiny sizes
@@ -31,24 +31,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python tools/reproduce.py` puts tools/ on the path, not the repository root
-    sys.path.insert(0, ROOT)
+from config import load_config, main_guard
+from data import DigitsDataset, to_uint8_images
+from evaluations.activations import compute_activations
+from evaluations.images import ArrayImages
+from evaluations.inception import fid_helper_weights_path, load_inception
+from evaluations.metrics import frechet_distance, gaussian_statistics
+from fileio import atomic_write
+from sampling import Sampler, generate, load_model_for_sampling
+from models.flops import build_model, count_params, dcdit_flops_coeffs, forward_flops, quadratic, tflops_from_counts
+from visualize import chunking_viz, label_fractions, pyplot, write_figure
 
-from config import load_config, main_guard  # noqa: E402
-from data import DigitsDataset, to_uint8_images  # noqa: E402
-from evaluations.activations import compute_activations  # noqa: E402
-from evaluations.images import ArrayImages  # noqa: E402
-from evaluations.inception import fid_helper_weights_path, load_inception  # noqa: E402
-from evaluations.metrics import frechet_distance, gaussian_statistics  # noqa: E402
-from sample import Sampler, chunking_viz, generate, load_model_for_sampling  # noqa: E402
-from models.flops import (build_model, count_params, dcdit_flops_coeffs, forward_flops, quadratic,  # noqa: E402
-                          tflops_from_counts)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py and configs/ are found from here
 
 DCDIT_CONFIG = "configs/tiny/dcdit-digits.yaml"
 DIT_CONFIG = "configs/tiny/dit-digits.yaml"
 PAPER_CONFIG = "configs/DCDiT-B-N4.yaml"  # only to put the tiny model's scaffold share in context
-FRACTIONS = (0.0, 0.3, 0.6)  # tail-drop budgets of the issue
+FRACTIONS = (0.0, 0.3, 0.6)  # tail-drop budgets: none, and the two the README quotes
 SEED = 0                     # sampling noise/labels and the reference split
 BOOTSTRAPS = 10              # resamples of the sample features for FID's spread
 
@@ -251,24 +250,15 @@ def boundary_maps(model, cfg, plan: Plan, path: str) -> dict:
 # ----------------------------------------------------------------------------- figures
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _timestep_figure(path: str, ylabel: str, reference: float, reference_label: str, draw) -> None:
     """A per-timestep line figure: `draw(ax)` adds the series, then a dotted reference line and labels."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.4), layout="constrained")
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.4), layout="constrained")
     draw(ax)
     ax.axhline(reference, color="k", ls=":", label=reference_label)
     ax.set_xlabel("diffusion timestep t (999 = noise)")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_figure(fig, path, dpi=110)
 
 
 def plot_compression(series: dict, dit_ratio: float, path: str) -> None:
@@ -289,29 +279,25 @@ def plot_enrichment(series: dict, path: str) -> None:
 
 
 def plot_tail_drop(rows: list, path: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.5, 3.2), layout="constrained")
+    fig, ax = pyplot().subplots(figsize=(4.5, 3.2), layout="constrained")
     g = [1e3 * r["tflops"] for r in rows]
-    ax.errorbar(g, [r["fid"] for r in rows], yerr=[r["fid_sd"] for r in rows], marker="o", capsize=3)
-    for r, x in zip(rows, g):
-        ax.annotate(f"f={r['f']:g}", (x, r["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    fids = [r["fid"] for r in rows]
+    ax.errorbar(g, fids, yerr=[r["fid_sd"] for r in rows], marker="o", capsize=3)
+    label_fractions(ax, g, fids, [r["f"] for r in rows])
     ax.set_xlabel("GFLOPs / image (measured)")
     ax.set_ylabel("FID")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_figure(fig, path, dpi=110)
 
 
 def plot_samples(sets: dict, path: str, per_row: int = 20) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(len(sets), 1, figsize=(per_row * 0.45, 0.62 * len(sets)), layout="constrained",
-                             squeeze=False)
+    fig, axes = pyplot().subplots(len(sets), 1, figsize=(per_row * 0.45, 0.62 * len(sets)), layout="constrained",
+                                  squeeze=False)
     for ax, (label, images) in zip(axes[:, 0], sets.items()):
         row = np.concatenate(list(images[:per_row]), axis=1)                        # (H, n * W, 3)
         ax.imshow(row, interpolation="nearest")
         ax.set_title(label, fontsize=7, loc="left")
         ax.axis("off")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------- report
@@ -411,7 +397,7 @@ def write_report(res: dict, out: str) -> str:
               "", "![samples](samples.png)", "",
               "## Where the boundaries land", "",
               f"Boundary maps of the learned router while sampling ({res['enrichment']['dcdit']['n']} images, "
-              "top: predicted x0, bottom: boundary probability, kept tokens outlined by `sample.chunking_viz`):", "",
+              "top: predicted x0, bottom: boundary probability, kept tokens outlined by `visualize.chunking_viz`):", "",
               "![boundary maps](boundary_maps.png)", "",
               "Stroke enrichment = P(kept | stroke pixel) / P(kept | background pixel), strokes = final-sample pixels "
               "above mid-grey:", "",
@@ -456,9 +442,7 @@ def write_report(res: dict, out: str) -> str:
     lines += ["", "Training commands:", "", "```"] + [m["command"] or f"(reused {m['ckpt']})"
                                                          for m in res["models"].values()] + ["```", ""]
     path = os.path.join(out, "REPORT.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines))
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
     return path
 
 
@@ -587,9 +571,7 @@ def main_impl(argv=None) -> dict:
     plot_enrichment({specs[k][0]: v for k, v in enrichment.items()}, os.path.join(out, "enrichment.png"))
     plot_tail_drop(tail, os.path.join(out, "tail_drop.png"))
     res["total_seconds"] = time.perf_counter() - t0
-    with open(os.path.join(out, "results.json.tmp"), "w") as f:
-        json.dump(_jsonable(res), f, indent=1)
-    os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
+    atomic_write(os.path.join(out, "results.json"), lambda f: f.write(json.dumps(_jsonable(res), indent=1).encode()))
     path = write_report(res, out)
     print(f"report: {path} ({res['total_seconds'] / 60:.1f} min)")
     for claim, held, evidence in res["claims"]:

@@ -5,28 +5,22 @@
     python tools/tail_drop_grid.py --ckpt ckpt.pt --fractions 0 0.3 0.6 --cfg-scale 1.5 \\
         --lite-cfg --uncond-tail-dropping-fraction 0.9 --num-sampling-steps 50
 
-Every column starts from the same per-image noise and labels (sample.image_generators), so what
+Every column starts from the same per-image noise and labels (sampling.image_generators), so what
 changes between columns is only the budget: each sample drops floor(f * M) of its lowest-probability
 boundary tokens at every step. Above each column: f, TFLOPs/img measured from the kept counts of that
 run (tools/flops.py, all steps, CFG rows included), and the mean share of tokens kept.
 """
 import argparse
-import os
-import sys
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python tools/tail_drop_grid.py` puts tools/ on the path, not the root
-    sys.path.insert(0, ROOT)
-
-from config import add_config_args, main_guard  # noqa: E402
-from data import to_uint8_images  # noqa: E402
-from models import is_dcdit  # noqa: E402
-from sample import (SampleError, Sampler, add_sampling_args, generate, load_model_for_sampling,  # noqa: E402
-                    load_vae_if_latent)
-from models.flops import dcdit_flops_coeffs, tflops_from_counts  # noqa: E402
+from config import add_config_args, main_guard
+from data import to_uint8_images
+from models import is_dcdit
+from sampling import SampleError, Sampler, add_sampling_args, generate, load_model_for_sampling, load_vae_if_latent
+from models.flops import dcdit_flops_coeffs, tflops_from_counts
+from visualize import pyplot, write_figure
 
 
 def run_fractions(model, cfg, labels: torch.Tensor, fractions, device="cpu", vae=None) -> list:
@@ -48,12 +42,8 @@ def run_fractions(model, cfg, labels: torch.Tensor, fractions, device="cpu", vae
 
 
 def save_figure(results: list, path: str, steps: int, use_cfg: bool) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n, cols = len(results[0]["images"]), len(results)
-    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n + 0.8), squeeze=False, layout="constrained")
+    fig, axes = pyplot().subplots(n, cols, figsize=(1.9 * cols, 1.9 * n + 0.8), squeeze=False, layout="constrained")
     for j, r in enumerate(results):
         for i in range(n):
             axes[i, j].imshow(r["images"][i])
@@ -61,9 +51,7 @@ def save_figure(results: list, path: str, steps: int, use_cfg: bool) -> None:
         axes[0, j].set_title(f"f = {r['f']:g}\n{r['tflops']:.4g} TFLOPs/img\nkept {100 * r['kept_share']:.1f}%",
                              fontsize=8)
     fig.suptitle(f"Tail dropping: same seeds, {steps} steps{' with CFG' if use_cfg else ''}", fontsize=9)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    write_figure(fig, path, dpi=100)
 
 
 def main(argv=None) -> None:

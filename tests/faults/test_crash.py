@@ -97,19 +97,19 @@ def test_nan_loss_skip_policy_keeps_training(nan_features, tmp_path):
 
 
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    import train
+    import fileio
     target = tmp_path / "0000010.pt"
-    train.atomic_save({"step": 10}, str(target))
+    fileio.atomic_save({"step": 10}, str(target))
     real_save = torch.save
 
     def failing_save(obj, f, *a, **k):
         f.write(b"partial bytes")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train.torch, "save", failing_save)
+    monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError):
-        train.atomic_save({"step": 20}, str(target))
-    monkeypatch.setattr(train.torch, "save", real_save)
+        fileio.atomic_save({"step": 20}, str(target))
+    monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(target, weights_only=True) == {"step": 10}
     assert os.listdir(tmp_path) == ["0000010.pt"]
 
