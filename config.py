@@ -97,6 +97,7 @@ class DataConfig:
     image_size: int = 256                 # pixels; latents are image_size // 8
     latent_scale: float = 0.18215         # SD-VAE scale, the one place it is defined
     vae: str = "ema"                      # "ema" | "mse" (stabilityai/sd-vae-ft-*)
+    vae_path: str = ""                    # a local diffusers AutoencoderKL folder instead of the hub's SD-VAE
     num_workers: int = 4
 
 
@@ -115,10 +116,12 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 100
     ckpt_every: int = 50_000
-    sample_every: int = 0                 # 0 = never; else EMA sample grid every k steps
     keep_last_ckpts: int = 0              # 0 = keep all
-    wandb: str = "disabled"               # "disabled" | "offline" | "online"
     compile: bool = False
+    deterministic: bool = False           # deterministic kernels (exact resume on GPUs; slower)
+    init_from: str = ""                   # a checkpoint whose weights start a new run (fresh optimizer, step 0)
+    init_weights: str = "ema"             # which weights of init_from: "ema" | "model"
+    profile_steps: list[int] = field(default_factory=list)  # [a, b]: torch.profiler trace of steps a..b
     ratio_loss_weight: float = 0.03       # lambda, §3.5 (grid-searched in §4)
     ratio_group_size: int = 16
     ratio_ramp_steps: int = 0             # 0 = no ramp; else N ramps linearly from ratio_ramp_start to N
@@ -163,6 +166,19 @@ class DyDiTConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where a run reports besides log.txt: W&B (offline works without an account) and/or TensorBoard."""
+    wandb: str = "disabled"               # "disabled" | "offline" | "online"
+    project: str = "dc-dit"               # W&B project
+    entity: str = ""                      # W&B team or user ("" = the account's default)
+    run_name: str = ""                    # "" = the run folder's name
+    tags: list[str] = field(default_factory=list)
+    resume_wandb: bool = True             # --resume continues the same W&B run (its id is kept in the checkpoint)
+    tensorboard: bool = False             # also write TensorBoard event files to RUN/tensorboard/
+    image_every: int = 0                  # 0 = never; else an EMA sample grid and chunking visualisation every k steps
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -171,6 +187,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     dydit: DyDiTConfig = field(default_factory=DyDiTConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,6 +195,8 @@ class Config:
 # ----------------------------------------------------------------------------------------------------
 
 SECTIONS: dict[str, type] = get_type_hints(Config)  # section name -> dataclass
+# Fields that moved to another section; configs saved in older checkpoints (and old command lines) still load.
+MOVED = {("train", "wandb"): ("logging", "wandb"), ("train", "sample_every"): ("logging", "image_every")}
 _FIELD_TYPES: dict[str, dict[str, Any]] = {name: get_type_hints(cls) for name, cls in SECTIONS.items()}
 # A YAML 1.1 float needs a dot ("1.0e-4"), so "1e-4" arrives as a string; accept any such decimal text.
 _FLOAT_TEXT = re.compile(r"[-+]?(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -290,9 +309,10 @@ def _check_tree(tree: Any, where: str) -> dict:
         body = {} if body is None else body  # an empty `sample:` heading is harmless
         if not isinstance(body, Mapping):
             raise ConfigError(f"{section}{where}: expected a mapping of field: value, got {type(body).__name__}")
-        for name in body:
-            _field_type(section, name, where)
-        out[section] = dict(body)
+        for name, value in body.items():
+            section_to, name_to = MOVED.get((section, name), (section, name))
+            _field_type(section_to, name_to, where)
+            out.setdefault(section_to, {})[name_to] = value
     return out
 
 
@@ -381,13 +401,13 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     """"section.field=value" -> (section, field, value), the value read as YAML and checked for the field.
 
     A str field takes the text as typed unless YAML reads it as a string (which strips quotes), so that
-    `diffusion.timestep_respacing=250`, `train.wandb=off` or `train.exp_name=a: b` keep what the user typed.
+    `diffusion.timestep_respacing=250`, `logging.wandb=off` or `train.exp_name=a: b` keep what the user typed.
     """
     name, sep, raw = text.partition("=")
     parts = name.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
         raise ConfigError(f"override {text!r}: expected section.field=value, e.g. train.lr=1e-4")
-    section, key = parts
+    section, key = MOVED.get(tuple(parts), tuple(parts))
     tp = _field_type(section, key, f" in override {text!r}")
     try:
         value = yaml.safe_load(raw)
@@ -528,9 +548,13 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.seed < 2 ** 32, "train.seed", "an int in [0, 2**32) (numpy seeds)", t.seed)
     _require(t.log_every >= 1, "train.log_every", ">= 1", t.log_every)
     _require(t.ckpt_every >= 1, "train.ckpt_every", ">= 1", t.ckpt_every)
-    _require(t.sample_every >= 0, "train.sample_every", ">= 0 (0 = never)", t.sample_every)
     _require(t.keep_last_ckpts >= 0, "train.keep_last_ckpts", ">= 0 (0 = keep all)", t.keep_last_ckpts)
-    _require(t.wandb in WANDB_MODES, "train.wandb", f"one of {WANDB_MODES}", t.wandb)
+    _require(t.init_weights in ("ema", "model"), "train.init_weights", "'ema' or 'model'", t.init_weights)
+    _require(not t.profile_steps or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1]),
+             "train.profile_steps", "[] or [first, last] steps to profile, 1 <= first <= last", t.profile_steps)
+    lg = cfg.logging
+    _require(lg.wandb in WANDB_MODES, "logging.wandb", f"one of {WANDB_MODES}", lg.wandb)
+    _require(lg.image_every >= 0, "logging.image_every", ">= 0 (0 = never)", lg.image_every)
     _require(t.ratio_loss_weight >= 0, "train.ratio_loss_weight", ">= 0", t.ratio_loss_weight)
     _require(t.ratio_group_size >= 1, "train.ratio_group_size", ">= 1", t.ratio_group_size)
     _require(t.ratio_ramp_steps >= 0, "train.ratio_ramp_steps", ">= 0 (0 = no ramp)", t.ratio_ramp_steps)

@@ -49,7 +49,7 @@ def main(argv=None):
     if args.num_viz_samples < 1:
         raise SampleError(f"--num-viz-samples {args.num_viz_samples}: expected >= 1")
     labels = torch.tensor(labels)
-    vae = load_vae_if_latent(cfg, args.vae_path, args.device)
+    vae = load_vae_if_latent(cfg, args.device)
     sampler = Sampler(model, cfg, cfg.sample.cfg_scale, cfg.sample.tail_dropping_fraction, uncond_budget(cfg))
     dcdit = is_dcdit(cfg.model.name)
     print(f"sampling {len(labels)} images: {describe_budgets(cfg)}", flush=True)

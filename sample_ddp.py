@@ -113,6 +113,7 @@ def run_settings(cfg, args) -> dict:
     sample = {k: v for k, v in resolved["sample"].items() if k not in ("per_proc_batch_size", "num_fid_samples")}
     return {"ckpt": os.path.abspath(args.ckpt), "use_ema": not args.no_ema, "model": resolved["model"],
             "diffusion": resolved["diffusion"], "data_kind": cfg.data.kind, "vae": cfg.data.vae,
+            "vae_path": cfg.data.vae_path,
             "latent_scale": cfg.data.latent_scale, "sample": sample}
 
 
@@ -340,7 +341,7 @@ def run(args, rank: int, world: int, device) -> None:
         remaining = sum(counts)
         print(f"{cfg.model.name}: {n_total} images in {out_dir} ({n_total - remaining} already there), "
               f"{world} process(es) x batch {s.per_proc_batch_size}; {describe_budgets(cfg)}", flush=True)
-    vae = load_vae_if_latent(cfg, args.vae_path, device) if todo else None
+    vae = load_vae_if_latent(cfg, device) if todo else None
     log = RunLog()
     gates = GateLog(model) if cfg.dydit.enabled else None  # DyDiT: FLOPs as its gates left them
     bar = tqdm(total=len(todo), desc=f"rank 0 of {world}", disable=rank != 0)

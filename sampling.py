@@ -195,7 +195,7 @@ def to_pixels(x: torch.Tensor, cfg, vae=None, device="cpu") -> torch.Tensor:
         return x
     if vae is None:
         from vae import load_vae
-        vae = load_vae(cfg.data.vae, os.environ.get("DCDIT_VAE_PATH", ""), device)
+        vae = load_vae(cfg.data.vae, cfg.data.vae_path, device)
     from vae import decode_latents
     return decode_latents(vae, x.to(device), cfg.data.latent_scale)
 
@@ -281,8 +281,11 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
                         help="give the unconditional CFG branch its own budget (--uncond-tail-dropping-fraction)")
     parser.add_argument("--uncond-tail-dropping-fraction", type=float, default=None,
                         help="Lite-CFG budget of the unconditional branch (needs --lite-cfg)")
-    parser.add_argument("--vae-path", default=os.environ.get("DCDIT_VAE_PATH", ""),
-                        help="local diffusers AutoencoderKL folder (default: $DCDIT_VAE_PATH, else the hub)")
+    parser.add_argument("--vae", choices=("ema", "mse"), default=None,
+                        help="SD-VAE that decodes latents (data.vae; default: the checkpoint's config)")
+    parser.add_argument("--vae-path", default=os.environ.get("DCDIT_VAE_PATH") or None,
+                        help="local diffusers AutoencoderKL folder (data.vae_path; default: $DCDIT_VAE_PATH, the "
+                             "checkpoint's config, else the hub's SD-VAE)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -290,6 +293,10 @@ def apply_sampling_args(cfg, args) -> None:
     """Command-line flags override the sample section (same validation as the config file), then the
     combinations that cannot mean what the user asked are refused with the flag named."""
     s = cfg.sample
+    if getattr(args, "vae", None) is not None:
+        cfg.data.vae = args.vae
+    if getattr(args, "vae_path", None) is not None:
+        cfg.data.vae_path = args.vae_path
     # --cfg-scale sets sample.cfg_scale here (pictures, 4.0 unless set) and sample.fid_cfg_scale in sample_ddp.py
     # (FID, 1.5 unless set: DiT's and the release's convention); the scale in use is then sample.cfg_scale.
     guidance = getattr(args, "guidance_field", "cfg_scale")
@@ -347,9 +354,11 @@ def kept_by_branch(records: list, n: int, use_cfg: bool) -> dict:
     return out
 
 
-def load_vae_if_latent(cfg, vae_path: str, device):
-    """The SD-VAE for data.kind=features (latents need decoding), else None."""
+def load_vae_if_latent(cfg, device):
+    """The autoencoder of data.vae / data.vae_path for data.kind=features (latents need decoding), else None."""
     if cfg.data.kind != "features":
         return None
     from vae import load_vae
-    return load_vae(cfg.data.vae, vae_path, device)
+    return load_vae(cfg.data.vae, cfg.data.vae_path, device)
+
+

@@ -111,7 +111,7 @@ def test_overrides_of_every_kind(tmp_path):
         "train.multi_budget_drop_fractions=[0.0,0.5]",  # list of float
         "model.depth=null",                            # Optional -> None
         "model.hidden_size=256", "model.num_heads=8",
-        "train.wandb=offline",                         # str choice
+        "logging.wandb=offline",                       # str choice
         "diffusion.timestep_respacing=250",            # str field: digits stay text
         'train.exp_name="my run"',                     # quoted str
         "train.max_steps=456",                         # later override wins
@@ -124,15 +124,15 @@ def test_overrides_of_every_kind(tmp_path):
     assert cfg.train.multi_budget_drop_fractions == [0.0, 0.5]
     assert cfg.model.depth is None                   # overrides beat the file
     assert (cfg.model.hidden_size, cfg.model.num_heads) == (256, 8)
-    assert cfg.train.wandb == "offline"
+    assert cfg.logging.wandb == "offline"
     assert cfg.diffusion.timestep_respacing == "250"
     assert cfg.train.exp_name == "my run"
 
 
 def test_str_override_keeps_raw_text():
     # `off` is a YAML boolean; the str field must receive the word, which validate then rejects by name.
-    with pytest.raises(ConfigError, match=r"train\.wandb.*one of") as e:
-        load_config(None, ["train.wandb=off"])
+    with pytest.raises(ConfigError, match=r"logging\.wandb.*one of") as e:
+        load_config(None, ["logging.wandb=off"])
     assert "'off'" in one_line_error(e)
     assert load_config(None, ["train.exp_name="]).train.exp_name == ""
     assert load_config(None, ["train.exp_name=a: b"]).train.exp_name == "a: b"       # not a YAML mapping
@@ -195,8 +195,8 @@ def test_wrong_type_names_key_and_expected_type(override, expected):
 
 
 def test_wrong_type_in_yaml_file(tmp_path):
-    path = write(tmp_path / "c.yaml", "train:\n  wandb: off\n")  # unquoted: YAML reads a bool
-    with pytest.raises(ConfigError, match=r"train\.wandb: expected str, got bool.*quote"):
+    path = write(tmp_path / "c.yaml", "logging:\n  wandb: off\n")  # unquoted: YAML reads a bool
+    with pytest.raises(ConfigError, match=r"logging\.wandb: expected str, got bool.*quote"):
         load_config(path)
 
 
@@ -222,7 +222,10 @@ def test_wrong_type_in_yaml_file(tmp_path):
     (["data.image_size=260", "model.input_size=32"], "data.image_size"),  # not a multiple of 8
     (["data.image_size=512"], "model.input_size"),              # latents would be 64, model says 32
     (["train.mixed_precision=fp8"], "train.mixed_precision"),
-    (["train.wandb=cloud"], "train.wandb"),
+    (["logging.wandb=cloud"], "logging.wandb"),
+    (["train.profile_steps=[5]"], "train.profile_steps"),
+    (["train.profile_steps=[6,5]"], "train.profile_steps"),
+    (["train.init_weights=raw"], "train.init_weights"),
     (["train.nan_policy=ignore"], "train.nan_policy"),
     (["train.lr=0"], "train.lr"),
     (["train.lr=-1e-4"], "train.lr"),
@@ -317,7 +320,7 @@ def test_config_from_dict_checks_values():
 
 def test_saved_yaml_reloads_equal(tmp_path):
     cfg = load_config(os.path.join(ROOT, "configs", "DCDiT-XL-N16.yaml"),
-                      ["train.lr=3e-5", "diffusion.timestep_respacing=250", "train.wandb=offline",
+                      ["train.lr=3e-5", "diffusion.timestep_respacing=250", "logging.wandb=offline",
                        "train.exp_name=0123", "model.depth=null"])
     path = tmp_path / "run" / "config.yaml"
     config.save_config(cfg, str(path))
@@ -466,3 +469,12 @@ def test_shipped_config_values():
     test = load("tiny/test-dcdit.yaml")
     assert (test.model.input_size, test.model.depth, test.model.hidden_size, test.train.max_steps) == (8, 2, 64, 20)
     assert test.train.mixed_precision == "no" and test.data.num_workers == 0
+
+
+def test_fields_that_moved_section_still_load_from_older_configs():
+    """A checkpoint saved before logging had its own section still resumes: train.wandb and train.sample_every
+    land in logging.wandb and logging.image_every, from a saved tree and from an override alike."""
+    cfg = config.config_from_dict({"train": {"wandb": "offline", "sample_every": 50, "lr": 2e-4}})
+    assert (cfg.logging.wandb, cfg.logging.image_every, cfg.train.lr) == ("offline", 50, 2e-4)
+    assert load_config(None, ["train.sample_every=7"]).logging.image_every == 7
+

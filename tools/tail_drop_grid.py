@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     bad = [c for c in labels if not 0 <= c < cfg.model.num_classes]
     if bad:
         raise SampleError(f"--class-labels {bad} outside [0, {cfg.model.num_classes})")
-    vae = load_vae_if_latent(cfg, args.vae_path, args.device)
+    vae = load_vae_if_latent(cfg, args.device)
     results = run_fractions(model, cfg, torch.tensor(labels), args.fractions, args.device, vae)
     save_figure(results, args.out, cfg.sample.num_sampling_steps, cfg.sample.cfg_scale > 1.0)
     for r in results:
