@@ -9,7 +9,8 @@
 Any config field can be overridden as `section.field=value`. Runs live in `results/NNN-name/` with
 `config.yaml`, `log.txt` and `checkpoints/{step:07d}.pt`. Resume is exact: the data order and every
 random draw of a step are functions of (seed, step, rank), so a resumed run repeats the losses of an
-uninterrupted one.
+uninterrupted one. `train.init_from=CKPT` starts a new run from a checkpoint's weights instead (fresh
+optimizer, step 0): fine-tuning, or a checkpoint converted from the authors' release.
 
 Upcycling (paper §4.4, docs/upcycling.md): a fresh run copies a DiT checkpoint's blocks and (frozen)
 embedders into the DC-DiT, then trains for upcycle.distill_steps steps on activation distillation from
@@ -31,24 +32,28 @@ import re
 import sys
 import time
 from copy import deepcopy
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from config import add_config_args, config_from_args, config_to_dict, load_config, main_guard, save_config
+from config import Config, add_config_args, config_from_args, config_to_dict, load_config, main_guard, save_config
 from data import build_dataset
 from diffusion import create_diffusion
 from fileio import atomic_save
 from models import create_model, is_dcdit
-from models.checkpoint_io import read_checkpoint
+from models.checkpoint_io import model_state, read_checkpoint
 from models.dydit import flops_loss, flops_ratio, load_dcdit_weights, read_dcdit_checkpoint
-from models.routing import compression_stats, ratio_loss
+from models.flops import dcdit_flops_coeffs
+from models.routing import ratio_loss
 from models.upcycle import (build_teacher, distillation_loss, freeze_embedders, load_dit_checkpoint,
                             reset_untouched_adam_state, upcycle_, upcycle_model_config)
-from sampling import class_grid, generate, save_grid
-from models.flops import dcdit_flops_coeffs
+from sampling import Sampler, class_grid, generate, load_vae_if_latent, save_grid
+from tracking import Tracker, step_profiler
+from visualize import chunking_viz
 
 
 class TrainError(RuntimeError):
@@ -197,17 +202,55 @@ def multi_budget_fraction(cfg, step: int) -> float:
     return float(t.multi_budget_drop_fractions[int(torch.randint(len(t.multi_budget_drop_fractions), (1,), generator=g))])
 
 
-def sample_grid(ema, cfg, device, path: str) -> None:
-    """Periodic EMA samples (one per class, CFG), saved as a PNG grid with each row's classes beside it."""
-    labels = torch.arange(min(cfg.model.num_classes, 16), device=device)
-    images = generate(ema, cfg, labels, seed=cfg.sample.seed, device=device)
-    order, per_row, row_labels = class_grid(labels.tolist(), nrow=int(math.ceil(len(labels) ** 0.5)))
-    save_grid(images[order], path, nrow=per_row, row_labels=row_labels)
+def load_init_weights(path: str, which: str) -> dict:
+    """train.init_from: the state dict to start a new run from (EMA weights unless train.init_weights=model)."""
+    ckpt = read_checkpoint(path, "train.init_from", TrainError, "a checkpoint of this repo")
+    state, got = model_state(ckpt, use_ema=which == "ema")
+    if state is None:
+        raise TrainError(f"train.init_from {path}: {got}; expected a checkpoint with 'ema'/'model' weights")
+    return state
 
 
-# ----------------------------------------------------------------------------- main
+def use_deterministic_kernels() -> None:
+    """train.deterministic: the same losses on every rerun, GPUs included (resume is exact then, at some speed)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before its first handle
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
-def main(argv=None):
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclass
+class Run:
+    """Everything a training loop needs, built once by prepare_run."""
+    cfg: Config
+    accelerator: Any
+    logger: logging.Logger
+    run_dir: str
+    model: torch.nn.Module          # as trained (DDP-wrapped and/or compiled)
+    raw: torch.nn.Module            # the bare model, for state dicts and the EMA
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    diffusion: Any
+    data: Any                       # endless iterator of (x, y) micro-batches, resumable by step
+    start_step: int
+    tracker: Tracker
+    teacher: Optional[torch.nn.Module] = None  # upcycling's frozen DiT during activation distillation
+    dcdit_coeffs: Optional[tuple] = None       # DyDiT with flops_scope=model: the DC-DiT's a + b M + c M^2
+    vae: Any = field(default=None, repr=False)  # decodes latents for the periodic images; loaded when first needed
+
+    @property
+    def dcdit(self) -> bool:
+        return is_dcdit(self.cfg.model.name)
+
+    @property
+    def distill_steps(self) -> int:
+        """Steps of activation distillation (§4.4) at the start of an upcycled run; 0 otherwise."""
+        uc = self.cfg.upcycle
+        return uc.distill_steps if uc.checkpoint else 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--resume", default="", help="checkpoint file or run folder to continue exactly")
@@ -219,103 +262,108 @@ def main(argv=None):
             raise TrainError("--upcycle-from starts a new run; a resumed run takes its weights from its own "
                              "checkpoint and its teacher from upcycle.checkpoint in its saved config")
         args.overrides.append(f"upcycle.checkpoint={args.upcycle_from}")
+    return args
 
-    run_dir, ckpt = None, None
-    if args.resume:
-        run_dir, ckpt_path = resolve_resume(args.resume)
-        ckpt = load_checkpoint(ckpt_path)
-        # The run's own config; --config / overrides given now refine it (e.g. train.max_steps to train longer).
-        cfg = load_config(args.config, args.overrides, base=ckpt["config"])
-    else:
+
+def resolve_config(args) -> tuple:
+    """-> (cfg, resume checkpoint or None, run folder or None). A resumed run starts from its own saved config,
+    which --config and overrides given now refine (e.g. train.max_steps to train longer)."""
+    if not args.resume:
         cfg = config_from_args(args)
+        sources = [k for k, v in (("train.init_from", cfg.train.init_from), ("upcycle.checkpoint",
+                   cfg.upcycle.checkpoint), ("dydit.init_checkpoint", cfg.dydit.init_checkpoint)) if v]
+        if len(sources) > 1:
+            raise TrainError(f"{' and '.join(sources)} both set the initial weights; keep one")
+        return cfg, None, None
+    run_dir, ckpt_path = resolve_resume(args.resume)
+    ckpt = load_checkpoint(ckpt_path)
+    return load_config(args.config, args.overrides, base=ckpt["config"]), ckpt, run_dir
 
-    # Upcycling (§4.4): the DiT checkpoint is read once. A fresh run takes its weights and fixes
-    # model.pos_scale / model.cond_adaptor before the model is built and the config saved; any run still
-    # inside the distillation warm-up (fresh or resumed) builds the frozen teacher from it.
-    uc = cfg.upcycle
+
+def build_model(cfg, ckpt, logger, device):
+    """The model with its starting weights (fresh, init_from, upcycled or DyDiT-initialised), its frozen
+    distillation teacher if any, and the DC-DiT FLOPs coefficients DyDiT's loss needs."""
+    uc, dy, tc = cfg.upcycle, cfg.dydit, cfg.train
     resumed_step = int(ckpt["step"]) if ckpt is not None else 0
-    distill_run = bool(uc.checkpoint) and uc.distill_steps > 0
-    dit_ckpt, upcycle_notes = None, []
+    # Upcycling (§4.4): the DiT checkpoint is read once; a fresh run takes its weights and fixes
+    # model.pos_scale / model.cond_adaptor before the model is built; a run inside the warm-up needs the teacher.
+    dit_ckpt = None
     if uc.checkpoint:
         if not is_dcdit(cfg.model.name):
             raise TrainError(f"upcycle.checkpoint is set but model.name {cfg.model.name!r} is not a DC-DiT; "
                              f"upcycling turns a DiT checkpoint into a DCDiT-* model")
-        if ckpt is None or (distill_run and resumed_step < uc.distill_steps):
+        if ckpt is None or resumed_step < uc.distill_steps:
             dit_ckpt = load_dit_checkpoint(uc.checkpoint)
         if ckpt is None:
-            upcycle_notes = upcycle_model_config(cfg.model, dit_ckpt)
-    # DyDiT fine-tuning (§4.5): a fresh run reads its DC-DiT checkpoint before anything is created.
-    dy = cfg.dydit
-    dcdit_init = None
-    if dy.enabled and dy.init_checkpoint and ckpt is None:
-        dcdit_init = read_dcdit_checkpoint(dy.init_checkpoint)                    # (state_dict, which weights)
-
-    accelerator = make_accelerator(cfg)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device
-    tc = cfg.train
-    if tc.global_batch_size % (world * tc.grad_accum_steps):
-        raise TrainError(f"train.global_batch_size {tc.global_batch_size} is not divisible by world size {world} "
-                         f"x train.grad_accum_steps {tc.grad_accum_steps}")
-    micro = tc.global_batch_size // (world * tc.grad_accum_steps)
-
-    # Run folder: made by rank 0, its path shared with the others.
-    if run_dir is None:
-        name = tc.exp_name or cfg.model.name.replace("/", "-")
-        holder = [new_run_dir(tc.results_dir, name) if accelerator.is_main_process else None]
-        if world > 1:
-            dist.broadcast_object_list(holder, src=0)
-        run_dir = holder[0]
-    logger = make_logger(run_dir, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
-        for stale in glob.glob(os.path.join(run_dir, "checkpoints", "*.tmp.*")):
-            os.remove(stale)  # a checkpoint write interrupted by a crash; the previous checkpoint is intact
-    logger.info(f"run folder {run_dir}; {world} process(es) on {device}; micro-batch {micro} x accum "
-                f"{tc.grad_accum_steps} x world {world} = global {tc.global_batch_size}")
-
+            for note in upcycle_model_config(cfg.model, dit_ckpt):
+                logger.info(note)
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     model = create_model(cfg.model, cfg.dydit)
-    if dy.enabled and ckpt is None:
-        if dcdit_init is not None:
-            gates = load_dcdit_weights(model, dcdit_init[0], dy.init_checkpoint)
-            logger.info(f"DyDiT fine-tuning (§4.5) from {dy.init_checkpoint} ({dcdit_init[1]} weights): every DC-DiT "
+    if ckpt is None and tc.init_from:
+        model.load_state_dict(load_init_weights(tc.init_from, tc.init_weights), strict=True)
+        logger.info(f"weights from {tc.init_from} ({tc.init_weights}); new optimizer, step 0")
+    if ckpt is None and dy.enabled:
+        if dy.init_checkpoint:
+            state, which = read_dcdit_checkpoint(dy.init_checkpoint)
+            gates = load_dcdit_weights(model, state, dy.init_checkpoint)
+            logger.info(f"DyDiT fine-tuning (§4.5) from {dy.init_checkpoint} ({which} weights): every DC-DiT "
                         f"weight loaded strictly; {len(gates)} gate-router tensors keep their init (every gate on)")
-            dcdit_init = None
         else:
             logger.info("DyDiT gates on a freshly initialised DC-DiT (dydit.init_checkpoint is empty; the paper "
                         "fine-tunes a trained DC-DiT)")
-    # dydit.flops_scope=model: the FLOPs loss prices the whole forward, so it needs the DC-DiT's a + b M + c M^2.
-    dcdit_coeffs = None
-    if dy.enabled and dy.flops_scope == "model":
-        dcdit_coeffs = dcdit_flops_coeffs(model)
     teacher = None
     if uc.checkpoint:
-        for note in upcycle_notes:
-            logger.info(note)
         if ckpt is None:
             logger.info(upcycle_(model, dit_ckpt).summary(dit_ckpt))
         else:
             freeze_embedders(model)  # the weights come from our checkpoint; the optimizer must see the same list
-        if dit_ckpt is not None and distill_run:
+        if dit_ckpt is not None and uc.distill_steps > 0:
             teacher = build_teacher(dit_ckpt, model).to(device)
             logger.info(f"activation distillation for steps [0, {uc.distill_steps}) from a frozen DiT teacher "
                         f"({uc.checkpoint}, patch {teacher.patch_size}); the ratio loss stays on during it so the "
                         f"router still learns its budget; then the diffusion loss")
-        dit_ckpt = None
+    # dydit.flops_scope=model: the FLOPs loss prices the whole forward, so it needs the DC-DiT's a + b M + c M^2.
+    coeffs = dcdit_flops_coeffs(model) if dy.enabled and dy.flops_scope == "model" else None
+    return model, teacher, coeffs
+
+
+def prepare_run(args) -> Run:
+    """Config, process group, run folder, model, EMA, optimizer (restored on --resume), data, trackers."""
+    cfg, ckpt, run_dir = resolve_config(args)
+    tc = cfg.train
+    if tc.deterministic:
+        use_deterministic_kernels()
+    accelerator = make_accelerator(cfg)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if tc.global_batch_size % (world * tc.grad_accum_steps):
+        raise TrainError(f"train.global_batch_size {tc.global_batch_size} is not divisible by world size {world} "
+                         f"x train.grad_accum_steps {tc.grad_accum_steps}")
+    micro = tc.global_batch_size // (world * tc.grad_accum_steps)
+    if run_dir is None:  # made by rank 0, its path shared with the others
+        holder = [new_run_dir(tc.results_dir, tc.exp_name or cfg.model.name.replace("/", "-"))
+                  if accelerator.is_main_process else None]
+        if world > 1:
+            dist.broadcast_object_list(holder, src=0)
+        run_dir = holder[0]
+    logger = make_logger(run_dir, accelerator.is_main_process)
+    logger.info(f"run folder {run_dir}; {world} process(es) on {device}; micro-batch {micro} x accum "
+                f"{tc.grad_accum_steps} x world {world} = global {tc.global_batch_size}")
+
+    model, teacher, coeffs = build_model(cfg, ckpt, logger, device)
+    if accelerator.is_main_process:  # after build_model: upcycling may have fixed model fields
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        for stale in glob.glob(os.path.join(run_dir, "checkpoints", "*.tmp.*")):
+            os.remove(stale)  # a checkpoint write interrupted by a crash; the previous checkpoint is intact
     ema = deepcopy(model).requires_grad_(False)
-    dcdit = is_dcdit(cfg.model.name)
     logger.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay)
-
-    start_step = 0
+    start_step, wandb_id = 0, None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
-        start_step = int(ckpt["step"])
+        start_step, wandb_id = int(ckpt["step"]), ckpt.get("wandb_id")
         logger.info(f"resumed from step {start_step}")
-        del ckpt
 
     diffusion = create_diffusion(timestep_respacing=cfg.diffusion.timestep_respacing,
                                  noise_schedule=cfg.diffusion.noise_schedule, learn_sigma=cfg.model.learn_sigma,
@@ -326,162 +374,239 @@ def main(argv=None):
                         persistent_workers=cfg.data.num_workers > 0)
     logger.info(f"dataset: {len(dataset):,} items ({cfg.data.kind})")
 
-    ema.to(device)
+    ema.to(device).eval()
     model, opt = accelerator.prepare(model, opt)
     if tc.compile:
         model = torch.compile(model)
-    raw_model = accelerator.unwrap_model(model)
+    raw = accelerator.unwrap_model(model)
     model.train()
-    ema.eval()
+    tracker = Tracker(cfg, run_dir, accelerator.is_main_process, resume_id=wandb_id)
+    return Run(cfg, accelerator, logger, run_dir, model, raw, ema, opt, diffusion, iter(loader), start_step, tracker,
+               teacher, coeffs)
 
-    wandb_run = None
-    if tc.wandb != "disabled" and accelerator.is_main_process:
-        import wandb
-        wandb_run = wandb.init(project="dc-dit", name=os.path.basename(run_dir), dir=run_dir, mode=tc.wandb,
-                               config=config_to_dict(cfg))
 
-    def save(step: int) -> None:
-        if not accelerator.is_main_process:
-            return
-        path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
-        previous = latest_checkpoint(run_dir) or "none"
-        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+# ----------------------------------------------------------------------------- one step
+
+@dataclass
+class Losses:
+    """The terms of one micro-batch's loss, and the routing statistics behind them."""
+    total: torch.Tensor
+    main: torch.Tensor            # diffusion loss, or block distillation during the upcycling warm-up
+    ratio: torch.Tensor           # §3.5
+    flops: torch.Tensor           # DyDiT's (F_dyn / F_static - lambda)^2
+    distilling: bool
+    info: Any = None              # ChunkInfo of the forward (DC-DiT)
+
+
+def step_losses(run: Run, x, y, step: int, fraction: float, n_target: float) -> Losses:
+    """Loss of one micro-batch: diffusion (or distillation) + ratio loss + DyDiT's FLOPs loss."""
+    cfg, device = run.cfg, run.accelerator.device
+    t = torch.randint(0, run.diffusion.num_timesteps, (x.shape[0],), device=device)
+    distilling = step < run.distill_steps
+    infos = []
+
+    def model_fn(x_t, ts, **kw):  # the diffusion loss calls the model; keep its routing statistics
+        if not run.dcdit:
+            return run.model(x_t, ts, **kw)
+        out, info = run.model(x_t, ts, return_info=True, tail_drop=fraction, **kw)
+        infos.append(info)
+        return out
+
+    if distilling:
+        x_t = run.diffusion.q_sample(x, t, noise=torch.randn_like(x))
+        drop = label_drop_ids(x.shape[0], cfg.model.class_dropout_prob, device)
+        main, info = distillation_loss(run.model, run.teacher, x_t, t, y, drop, fraction)
+        infos.append(info)
+    else:
+        main = run.diffusion.training_losses(model_fn, x, t, model_kwargs=dict(y=y))["loss"].mean()
+    zero = torch.zeros((), device=device)
+    ratio, flops, info = zero, zero, (infos[0] if infos else None)
+    if run.dcdit:
+        # The natural (pre-drop) decisions: multi-budget training must not teach the router to keep more tokens
+        # to make up for the dropped ones.
+        ratio = ratio_loss(info.router.natural_mask, info.router.prob, n_target, cfg.train.ratio_group_size)
+    if cfg.dydit.enabled:  # §4.5: the gates' straight-through gradient pulls F_dyn / F_static to lambda
+        flops = flops_loss(info.dydit, cfg.dydit.target_ratio, run.dcdit_coeffs)
+    total = main + cfg.train.ratio_loss_weight * ratio + cfg.dydit.flops_loss_weight * flops
+    return Losses(total, main, ratio, flops, distilling, info)
+
+
+class Window:
+    """Running sums over one logging window; `summary` reduces them over ranks into the logged metrics."""
+
+    KEYS = ("loss", "diffusion", "distill", "ratio", "flops", "n", "n_distill", "grad_norm", "n_clip", "fraction",
+            "n_steps")
+
+    def __init__(self):
+        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self.natural, self.run, self.flops_ratios = [], [], []
+        self.t0 = time.time()
+
+    def add(self, losses: Losses, run: Run) -> None:
+        s = self.sums
+        s["loss"] += losses.total.item()
+        s["distill" if losses.distilling else "diffusion"] += losses.main.item()
+        s["ratio"] += losses.ratio.item()
+        s["flops"] += losses.flops.item()
+        s["n"] += 1
+        s["n_distill"] += int(losses.distilling)
+        if losses.info is not None:
+            L = losses.info.router.prob.shape[1]
+            self.natural.append(L / losses.info.router.natural_mask.sum(1).float())  # (B,) L / M_b before dropping
+            self.run.append(L / losses.info.kept.float())                            # (B,) as the blocks ran
+            if run.cfg.dydit.enabled:
+                self.flops_ratios.append(flops_ratio(losses.info.dydit, run.dcdit_coeffs).detach().float())
+
+    def add_step(self, grad_norm: Optional[float], fraction: float) -> None:
+        self.sums["n_steps"] += 1
+        self.sums["fraction"] += fraction
+        if grad_norm is not None:
+            self.sums["grad_norm"] += grad_norm
+            self.sums["n_clip"] += 1
+
+    def summary(self, run: Run, step: int) -> dict:
+        acc, tc = run.accelerator, run.cfg.train
+        vals = acc.reduce(torch.tensor([float(self.sums[k]) for k in self.KEYS], device=acc.device), reduction="sum")
+        tot = dict(zip(self.KEYS, vals.tolist()))
+        n, n_distill, world = max(tot["n"], 1), tot["n_distill"], acc.num_processes
+        steps, elapsed = tot["n_steps"] / world, time.time() - self.t0
+        log = {"step": step, "loss": tot["loss"] / n}
+        # Each objective averaged over the micro-steps that used it (a window may straddle the switch).
+        if n_distill < tot["n"] or not run.distill_steps:
+            log["diffusion_loss"] = tot["diffusion"] / max(tot["n"] - n_distill, 1)
+        if n_distill > 0:
+            log["distill_loss"] = tot["distill"] / n_distill
+        if tot["n_clip"] > 0:
+            log["grad_norm"] = tot["grad_norm"] / tot["n_clip"]  # before clipping
+        log.update(steps_per_sec=steps / elapsed, images_per_sec=steps * tc.global_batch_size / elapsed,
+                   lr=run.opt.param_groups[0]["lr"])
+        if run.dcdit and self.natural:  # empty when every step of the window was skipped (nan_policy=skip), on all ranks
+            natural = acc.gather(torch.cat(self.natural)).float()
+            ran = acc.gather(torch.cat(self.run)).float()
+            log.update(ratio_loss=tot["ratio"] / n, compression_gmean=natural.log().mean().exp().item(),
+                       compression_std=natural.std().item() if natural.numel() > 1 else 0.0,
+                       compression_min=natural.min().item(), compression_max=natural.max().item(),
+                       compression_run_gmean=ran.log().mean().exp().item(),
+                       tail_drop=tot["fraction"] / max(tot["n_steps"], 1))
+        if run.cfg.dydit.enabled and self.flops_ratios:
+            log.update(flops_loss=tot["flops"] / n, flops_ratio=acc.gather(torch.cat(self.flops_ratios)).mean().item())
+        return log
+
+
+# ----------------------------------------------------------------------------- checkpoints and images
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """{model, ema, opt, config, step, rng, wandb_id}, written atomically by rank 0 (refused if not finite)."""
+    acc, tc = run.accelerator, run.cfg.train
+    if not check_ranks_in_sync(run.raw, acc):
+        raise TrainError(f"ranks hold different weights at step {step}; not saving a checkpoint")
+    if acc.num_processes > 1:
+        run.logger.info(f"step {step}: all {acc.num_processes} ranks hold identical weights")
+    if acc.is_main_process:
+        path = os.path.join(run.run_dir, "checkpoints", f"{step:07d}.pt")
+        previous = latest_checkpoint(run.run_dir) or "none"
+        if not all(torch.isfinite(p).all() for p in run.raw.parameters()):
             raise TrainError(f"weights are not finite at step {step}; not saving them (last good checkpoint: "
                              f"{previous})")
         try:
-            atomic_save({"model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "config": config_to_dict(cfg), "step": step, "rng": {"torch": torch.get_rng_state()}}, path)
+            atomic_save({"model": run.raw.state_dict(), "ema": run.ema.state_dict(), "opt": run.opt.state_dict(),
+                         "config": config_to_dict(run.cfg), "step": step, "rng": {"torch": torch.get_rng_state()},
+                         "wandb_id": run.tracker.wandb_id}, path)
         except OSError as e:
             raise TrainError(f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoint "
                              f"{previous} is intact") from None
-        logger.info(f"saved checkpoint {path}")
+        run.logger.info(f"saved checkpoint {path}")
         if tc.keep_last_ckpts > 0:
-            for old in sorted(glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]" * 7 + ".pt")))[:-tc.keep_last_ckpts]:
+            for old in sorted(glob.glob(os.path.join(run.run_dir, "checkpoints", "[0-9]" * 7 + ".pt")))[:-tc.keep_last_ckpts]:
                 os.remove(old)
+    acc.wait_for_everyone()
 
-    stats = {"loss": 0.0, "diffusion": 0.0, "distill": 0.0, "ratio": 0.0, "flops": 0.0, "n": 0, "n_distill": 0}
-    comp, flops_ratios = [], []
-    t0 = time.time()
-    data_iter = iter(loader)
-    bar = tqdm(total=tc.max_steps, initial=start_step, disable=not accelerator.is_main_process, desc="train",
+
+def save_images(run: Run, step: int) -> dict:
+    """EMA samples (one per class, CFG) as a labelled grid and, for DC-DiT, the chunking visualisation of the
+    same sampling run -> {name: path} in the run folder."""
+    cfg, device = run.cfg, run.accelerator.device
+    if run.vae is None:
+        run.vae = load_vae_if_latent(cfg, device)
+    labels = torch.arange(min(cfg.model.num_classes, 16), device=device)
+    sampler = Sampler(run.ema, cfg, cfg.sample.cfg_scale, keep_maps=run.dcdit)
+    res = generate(run.ema, cfg, labels, seed=cfg.sample.seed, device=device, sampler=sampler, progressive=run.dcdit,
+                   vae=run.vae)
+    images, steps = res if run.dcdit else (res, None)
+    order, per_row, row_labels = class_grid(labels.tolist(), nrow=int(math.ceil(len(labels) ** 0.5)))
+    paths = {"samples": os.path.join(run.run_dir, f"samples_{step:07d}.png")}
+    save_grid(images[order], paths["samples"], nrow=per_row, row_labels=row_labels)
+    if run.dcdit:
+        paths["chunking"] = os.path.join(run.run_dir, f"chunking_{step:07d}.png")
+        chunking_viz(steps, sampler.records, cfg, paths["chunking"], num_samples=min(4, len(labels)), vae=run.vae,
+                     device=device)
+    return paths
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    run = prepare_run(parse_args(argv))
+    cfg, tc, acc, logger = run.cfg, run.cfg.train, run.accelerator, run.logger
+    window = Window()
+    first, last = tc.profile_steps or (0, 0)
+    bar = tqdm(total=tc.max_steps, initial=run.start_step, disable=not acc.is_main_process, desc="train",
                dynamic_ncols=True)
-    for step in range(start_step, tc.max_steps):
-        distilling = distill_run and step < uc.distill_steps
-        if distill_run and step == uc.distill_steps:
-            teacher = None
-            n_reset = reset_untouched_adam_state(opt)
-            logger.info(f"step {step}: activation distillation done; diffusion loss from here on (fresh Adam "
-                        f"state for {n_reset} parameter tensors the distillation loss never reached)")
-        torch.manual_seed(step_seed(tc.seed, step, rank))
-        fraction = multi_budget_fraction(cfg, step) if dcdit else 0.0
-        n_target = ratio_target(cfg, step)
-        for _ in range(tc.grad_accum_steps):
-            x, y = next(data_iter)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            infos = []
-
-            def model_fn(x_t, ts, **kw):
-                if not dcdit:
-                    return model(x_t, ts, **kw)
-                out, info = model(x_t, ts, return_info=True, tail_drop=fraction, **kw)
-                infos.append(info)
-                return out
-
-            with accelerator.accumulate(model), accelerator.autocast():
-                if distilling:
-                    x_t = diffusion.q_sample(x, t, noise=torch.randn_like(x))
-                    drop = label_drop_ids(x.shape[0], cfg.model.class_dropout_prob, device)
-                    main_loss, info = distillation_loss(model, teacher, x_t, t, y, drop, fraction)
-                    infos.append(info)
-                else:
-                    terms = diffusion.training_losses(model_fn, x, t, model_kwargs=dict(y=y))
-                    main_loss = terms["loss"].mean()
-                loss = main_loss
-                r_loss = torch.zeros((), device=device)
-                if dcdit:
-                    r = infos[0].router
-                    # The ratio loss sees the natural (pre-drop) decisions, so multi-budget training does not
-                    # teach the router to keep more tokens to make up for the dropped ones.
-                    r_loss = ratio_loss(r.natural_mask, r.prob, n_target, tc.ratio_group_size)
-                    loss = loss + tc.ratio_loss_weight * r_loss
-                    comp.append(compression_stats(r.natural_mask)["compression"].detach())
-                f_loss = torch.zeros((), device=device)
-                if dy.enabled:
-                    # DyDiT's FLOPs loss (§4.5): the gates' straight-through gradient pulls F_dyn / F_static to lambda.
-                    f_loss = flops_loss(infos[0].dydit, dy.target_ratio, dcdit_coeffs)
-                    loss = loss + dy.flops_loss_weight * f_loss
-                    flops_ratios.append(flops_ratio(infos[0].dydit, dcdit_coeffs).detach().float())
-                # Decided on all ranks together: a rank that skipped or stopped alone would hang the others.
-                bad = accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), reduction="sum")
-                if bad.item() > 0:
-                    msg = (f"non-finite loss at step {step + 1} on {int(bad.item())} rank(s); last good checkpoint: "
-                           f"{latest_checkpoint(run_dir) or 'none'}")
-                    if tc.nan_policy == "stop":
-                        raise TrainError(msg + "; stopping (train.nan_policy=stop)")
-                    logger.info(msg + "; skipping the step (train.nan_policy=skip)")
-                    opt.zero_grad(set_to_none=True)
-                    continue
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and tc.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            stats["loss"] += loss.item()
-            stats["distill" if distilling else "diffusion"] += main_loss.item()
-            stats["ratio"] += r_loss.item()
-            stats["flops"] += f_loss.item()
-            stats["n"] += 1
-            stats["n_distill"] += int(distilling)
-        update_ema(ema, raw_model, tc.ema_decay)
-        done = step + 1
-        bar.update(1)
-
-        if done % tc.log_every == 0 or done == tc.max_steps:
-            elapsed = time.time() - t0
-            keys = ("loss", "diffusion", "distill", "ratio", "flops", "n", "n_distill")
-            vals = accelerator.reduce(torch.tensor([float(stats[k]) for k in keys], device=device), reduction="sum")
-            tot = dict(zip(keys, vals.tolist()))
-            n, n_distill = max(tot["n"], 1), tot["n_distill"]
-            steps = n / (tc.grad_accum_steps * world)
-            log = {"step": done, "loss": tot["loss"] / n}
-            # Each objective averaged over the micro-steps that used it (a window may straddle the switch).
-            if n_distill < tot["n"] or not distill_run:
-                log["diffusion_loss"] = tot["diffusion"] / max(tot["n"] - n_distill, 1)
-            if n_distill > 0:
-                log["distill_loss"] = tot["distill"] / n_distill
-            log.update(steps_per_sec=steps / elapsed, images_per_sec=steps * tc.global_batch_size / elapsed,
-                       lr=opt.param_groups[0]["lr"])
-            if dcdit:
-                cr = accelerator.gather(torch.cat(comp)).float()
-                log.update(ratio_loss=tot["ratio"] / n, compression_gmean=cr.log().mean().exp().item(),
-                           compression_std=cr.std().item() if cr.numel() > 1 else 0.0,
-                           compression_min=cr.min().item(), compression_max=cr.max().item(), tail_drop=fraction)
-            if dy.enabled:
-                fr = accelerator.gather(torch.cat(flops_ratios))
-                log.update(flops_loss=tot["flops"] / n, flops_ratio=fr.mean().item())
-            logger.info(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in log.items()}))
-            bar.set_postfix(loss=f"{log['loss']:.4f}")
-            if wandb_run is not None:
-                wandb_run.log(log, step=done)
-            stats = {"loss": 0.0, "diffusion": 0.0, "distill": 0.0, "ratio": 0.0, "flops": 0.0, "n": 0, "n_distill": 0}
-            comp, flops_ratios = [], []
-            t0 = time.time()
-
-        if done % tc.ckpt_every == 0 or done == tc.max_steps:
-            if not check_ranks_in_sync(raw_model, accelerator):
-                raise TrainError(f"ranks hold different weights at step {done}; not saving a checkpoint")
-            if world > 1:
-                logger.info(f"step {done}: all {world} ranks hold identical weights")
-            save(done)
-            accelerator.wait_for_everyone()
-        if tc.sample_every > 0 and done % tc.sample_every == 0 and accelerator.is_main_process:
-            sample_grid(ema, cfg, device, os.path.join(run_dir, f"samples_{done:07d}.png"))
+    with step_profiler(first, last, os.path.join(run.run_dir, "profile"), f"rank{acc.process_index}",
+                       start=run.start_step) as profiler:
+        for step in range(run.start_step, tc.max_steps):
+            if run.distill_steps and step == run.distill_steps:
+                run.teacher = None
+                logger.info(f"step {step}: activation distillation done; diffusion loss from here on (fresh Adam "
+                            f"state for {reset_untouched_adam_state(run.opt)} parameter tensors the distillation "
+                            f"loss never reached)")
+            torch.manual_seed(step_seed(tc.seed, step, acc.process_index))
+            fraction = multi_budget_fraction(cfg, step) if run.dcdit else 0.0
+            n_target = ratio_target(cfg, step)
+            grad_norm = None
+            for _ in range(tc.grad_accum_steps):
+                x, y = next(run.data)
+                x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+                with acc.accumulate(run.model), acc.autocast():
+                    losses = step_losses(run, x, y, step, fraction, n_target)
+                    # Decided on all ranks together: a rank that skipped or stopped alone would hang the others.
+                    bad = acc.reduce((~torch.isfinite(losses.total.detach())).float().reshape(1), reduction="sum")
+                    if bad.item() > 0:
+                        msg = (f"non-finite loss at step {step + 1} on {int(bad.item())} rank(s); last good "
+                               f"checkpoint: {latest_checkpoint(run.run_dir) or 'none'}")
+                        if tc.nan_policy == "stop":
+                            raise TrainError(msg + "; stopping (train.nan_policy=stop)")
+                        logger.info(msg + "; skipping the step (train.nan_policy=skip)")
+                        run.opt.zero_grad(set_to_none=True)
+                        continue
+                    acc.backward(losses.total)
+                    if acc.sync_gradients:
+                        grad_norm = float(acc.clip_grad_norm_(run.model.parameters(), tc.grad_clip))
+                    run.opt.step()
+                    run.opt.zero_grad(set_to_none=True)
+                window.add(losses, run)
+            window.add_step(grad_norm, fraction)
+            update_ema(run.ema, run.raw, tc.ema_decay)
+            profiler.step()
+            done = step + 1
+            bar.update(1)
+            if done % tc.log_every == 0 or done == tc.max_steps:
+                log = window.summary(run, done)
+                logger.info(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in log.items()}))
+                bar.set_postfix(loss=f"{log['loss']:.4f}")
+                run.tracker.log(log, done)
+                window = Window()
+            if done % tc.ckpt_every == 0 or done == tc.max_steps:
+                save_checkpoint(run, done)
+            if cfg.logging.image_every > 0 and done % cfg.logging.image_every == 0 and acc.is_main_process:
+                run.tracker.log_images(save_images(run, done), done)
     bar.close()
+    if tc.profile_steps and acc.is_main_process:
+        logger.info(f"profiler trace of steps {first}-{last}: {os.path.join(run.run_dir, 'profile')} "
+                    f"(tensorboard --logdir there, or open the .pt.trace.json in Perfetto)")
     logger.info("done")
-    if wandb_run is not None:
-        wandb_run.finish()
-    accelerator.end_training()
+    run.tracker.close()
+    acc.end_training()
 
 
 if __name__ == "__main__":

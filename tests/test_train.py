@@ -152,3 +152,48 @@ def test_ema_decay_one_keeps_the_initial_weights(feature_dir, tmp_path):
         assert torch.equal(ck["ema"][key], value), key
     moved = [k for k, v in init.items() if not torch.equal(ck["model"][k], v)]
     assert len(moved) > len(init) // 2, moved  # training did change the weights the EMA ignored
+
+
+def test_tracking_profiling_images_and_wandb_resume(feature_dir, tiny_vae, tmp_path):
+    """One short run with every reporting option on, resumed halfway: the resumed run continues the same W&B run
+    (offline mode; its id is in the checkpoint), the profiler writes a trace of the chosen steps, images and
+    TensorBoard events appear, and the log carries grad norm, compression as run and the mean drop fraction."""
+    import glob as _glob
+    common = ["--config", "configs/tiny/test-dcdit.yaml", f"data.feature_path={feature_dir}", "train.log_every=1",
+              "train.ckpt_every=2", "logging.wandb=offline", "logging.tensorboard=true", "logging.image_every=2",
+              "train.profile_steps=[2,3]", "train.multi_budget=true", "train.multi_budget_start_step=0",
+              "train.multi_budget_drop_fractions=[0.5]", "sample.num_sampling_steps=2", f"data.vae_path={tiny_vae}"]
+    env = {"WANDB_SILENT": "true", "WANDB_MODE": "offline"}
+    run_script(["train.py", *common, "train.max_steps=2", f"train.results_dir={tmp_path}"], env=env)
+    run = only_run(tmp_path)
+    run_script(["train.py", "--resume", run, "train.max_steps=4"], env=env)
+    first = torch.load(os.path.join(run, "checkpoints", "0000002.pt"), weights_only=True)["wandb_id"]
+    again = torch.load(os.path.join(run, "checkpoints", "0000004.pt"), weights_only=True)["wandb_id"]
+    assert first and again == first
+    offline = _glob.glob(os.path.join(run, "wandb", "offline-run-*"))
+    assert len(offline) == 2 and all(d.endswith(first) for d in offline), offline
+    assert _glob.glob(os.path.join(run, "profile", "*.pt.trace.json"))
+    for step in (2, 4):
+        assert os.path.isfile(os.path.join(run, f"samples_{step:07d}.png"))
+        assert os.path.isfile(os.path.join(run, f"chunking_{step:07d}.png"))
+    assert _glob.glob(os.path.join(run, "tensorboard", "events.out.tfevents.*"))
+    recs = [json.loads(line.split("] ", 1)[1]) for line in open(os.path.join(run, "log.txt")) if '"step"' in line]
+    last = recs[-1]
+    assert last["grad_norm"] > 0 and last["tail_drop"] == 0.5
+    # Half the boundaries dropped: the blocks ran on about half the kept tokens, so compression doubles.
+    assert last["compression_run_gmean"] > 1.5 * last["compression_gmean"]
+
+
+def test_init_from_starts_a_new_run_from_checkpoint_weights(feature_dir, tmp_path):
+    """train.init_from: the new run's step 0 weights are the checkpoint's (EMA by default), the optimizer is fresh."""
+    common = ["--config", "configs/tiny/test-dcdit.yaml", f"data.feature_path={feature_dir}"]
+    run_script(["train.py", *common, "train.max_steps=2", "train.ckpt_every=2", f"train.results_dir={tmp_path / 'a'}"])
+    source = os.path.join(only_run(tmp_path / "a"), "checkpoints", "0000002.pt")
+    run_script(["train.py", *common, "train.max_steps=1", "train.ckpt_every=1", "train.ema_decay=1",
+                f"train.init_from={source}", f"train.results_dir={tmp_path / 'b'}"])
+    src = torch.load(source, weights_only=True)
+    new = torch.load(os.path.join(only_run(tmp_path / "b"), "checkpoints", "0000001.pt"), weights_only=True)
+    assert new["step"] == 1 and len(new["opt"]["state"]) > 0
+    # ema_decay 1 keeps the EMA at the starting weights: exactly the source's EMA.
+    assert all(torch.equal(new["ema"][k], v) for k, v in src["ema"].items())
+    assert not all(torch.equal(new["model"][k], v) for k, v in src["ema"].items())  # and it did train
