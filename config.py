@@ -68,6 +68,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     # DC-DiT only (ignored for DiT names)
     encoder_width: Optional[int] = None   # None -> hidden_size // 4
+    encoder_layout: str = "c2"            # scaffold blocks per side: runs such as "c2", "c3", "c1D1" (c = conv ResBlock,
+    decoder_layout: str = "c2"            # D = DiT block, d = DiT block without MLP); "c2" is the paper's and release's
     norm_groups: int = 32                 # GroupNorm groups in the conv encoder/decoder (§3.2)
     router: str = "cosine"                # a key of models.routers.ROUTERS: "cosine" (§3.3) | "predictability"
                                           # (authors' release) | "random" (§4.3)
@@ -501,6 +503,11 @@ def validate(cfg: Config) -> None:
     except RouterArgsError as e:
         raise ConfigError(str(e)) from None
     _require(m.dechunker in DECHUNKERS, "model.dechunker", f"one of {tuple(DECHUNKERS)}", m.dechunker)
+    for side in ("encoder", "decoder"):
+        layout = getattr(m, f"{side}_layout")
+        _require(re.fullmatch(r"([cdD][1-9]\d*)+", layout) is not None, f"model.{side}_layout",
+                 "runs of block kinds with counts such as 'c2' or 'c1D1' (c = conv ResBlock, D = DiT block, "
+                 "d = DiT block without MLP)", layout)
     _require(m.residual_init in RESIDUAL_INITS, "model.residual_init", f"one of {RESIDUAL_INITS}", m.residual_init)
     # N = 1 makes the ratio loss's N/(N-1) infinite and means no compression at all (§3.5).
     _require(m.downsample_factor > 1.0, "model.downsample_factor", "> 1 (target compression N)",

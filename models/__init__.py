@@ -39,7 +39,8 @@ def create_model(model_cfg, dydit_cfg=None):
             dechunker=model_cfg.dechunker, dechunk_sigma=model_cfg.dechunk_sigma, pos_scale=model_cfg.pos_scale,
             cond_adaptor=model_cfg.cond_adaptor, attention=model_cfg.attention, dydit=dydit,
             dydit_tau=dydit_cfg.tau if dydit else 5.0, inner_norm=model_cfg.inner_norm,
-            residual_init=model_cfg.residual_init)
+            residual_init=model_cfg.residual_init, encoder_layout=model_cfg.encoder_layout,
+            decoder_layout=model_cfg.decoder_layout)
     choices = ", ".join(list(DiT_models) + list(DCDiT_models))
     raise ModelConfigError(f"model.name {name!r} is not a known model; expected one of: {choices}")
 

@@ -83,7 +83,8 @@ class DCDiT(nn.Module):
                  downsample_factor: float = 4.0, dechunker: str = "gaussian", dechunk_sigma: float = 1.0,
                  pos_scale: float = 1.0, cond_adaptor: bool = False, attention: str = "packed",
                  grad_checkpointing: bool = False, dydit: bool = False, dydit_tau: float = 5.0,
-                 inner_norm: bool = True, residual_init: str = "xavier"):
+                 inner_norm: bool = True, residual_init: str = "xavier", encoder_layout: str = "c2",
+                 decoder_layout: str = "c2"):
         super().__init__()
         if attention not in ("packed", "padded"):
             raise ValueError(f"attention must be 'packed' or 'padded', got {attention!r}")
@@ -111,7 +112,7 @@ class DCDiT(nn.Module):
 
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.encoder = Encoder(in_channels, width, hidden_size, norm_groups, cond_adaptor)
+        self.encoder = Encoder(in_channels, width, hidden_size, norm_groups, cond_adaptor, encoder_layout)
         self.router = build_router(router, hidden_size, downsample_factor, **(router_args or {}))
         if dydit:  # DyDiT gates on the inner blocks (§4.5); same parameter names plus the routers
             blocks = [DyDiTBlock(hidden_size, num_heads, mlp_ratio, tau=dydit_tau) for _ in range(depth)]
@@ -123,7 +124,7 @@ class DCDiT(nn.Module):
         self.inner_norm = nn.RMSNorm(hidden_size, eps=RMS_EPS) if inner_norm else None
         self.dechunker = build_dechunker(dechunker, dechunk_sigma)
         self.residual_proj = nn.Linear(hidden_size, hidden_size)
-        self.decoder = Decoder(width, hidden_size, norm_groups, cond_adaptor)
+        self.decoder = Decoder(width, hidden_size, norm_groups, cond_adaptor, decoder_layout)
         self.final_layer = FinalLayer(width, 1, self.out_channels, cond_size=hidden_size)
         self.initialize_weights()
 
@@ -141,8 +142,14 @@ class DCDiT(nn.Module):
         w = self.encoder.patch_embed.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.encoder.patch_embed.bias)
-        # Embedders, adaLN-Zero inner blocks, zero output layer (DiT).
+        # Embedders, adaLN-Zero inner blocks, zero output layer (DiT); DiT blocks of the scaffold start as the
+        # identity too (adaLN-Zero).
         init_conditioning(self)
+        for side in (self.encoder, self.decoder):
+            for block in side.modules():
+                if isinstance(block, DiTBlock):
+                    nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                    nn.init.zeros_(block.adaLN_modulation[-1].bias)
         # DyDiT routers (§4.5): biases high (15 width, 35 token, as the release) so every gate starts on.
         for block in self.blocks:
             if isinstance(block, DyDiTBlock):

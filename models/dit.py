@@ -106,20 +106,24 @@ class DiTBlock(nn.Module):
     modulation is computed once per sample and broadcast to its tokens, never once per token.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, cond_size: Optional[int] = None,
+                 has_mlp: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        # has_mlp=False: attention only (the release's "d" block); its adaLN keeps all six chunks, as the release.
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio)) if has_mlp else None
+        # cond_size: c's width when the block runs narrower than the model (a scaffold block at width E).
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size or hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, layout: Optional[TokenLayout] = None) -> torch.Tensor:
         mod = self.adaLN_modulation(c)                                           # (B, 6D)
         mod = layout.per_token(mod) if layout is not None else mod.unsqueeze(1)  # (T, 6D) or (B, 1, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), layout)
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        if self.mlp is not None:
+            x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 

@@ -23,8 +23,6 @@ from .dit import DIT_SIZES
 # The release's config dataclasses (its config.py), by the name they are pickled under.
 RELEASE_CONFIG_CLASSES = ("HNetConfig", "ModelConfig", "TrainingConfig", "DataConfig", "DiffusionConfig",
                           "LoggingConfig", "Config")
-# The one scaffold this project builds: 2 conv blocks per side, an inner stack of DiT blocks with MLPs.
-ENCODER_LAYOUT, DECODER_LAYOUT = "c2", "c2"
 
 
 class ReleaseCheckpointError(ValueError):
@@ -97,9 +95,10 @@ def _single(value, key: str, path: str):
     return value
 
 
-def _parse_layout(layout, path: str) -> int:
-    """The release's arch_layout -> inner depth; anything but ["c2", ["D<n>"], "c2"] is a one-line error."""
-    expected = f"['{ENCODER_LAYOUT}', ['D<depth>'], '{DECODER_LAYOUT}']"
+def _parse_layout(layout, path: str) -> tuple:
+    """The release's arch_layout -> (encoder layout, inner depth, decoder layout); anything but
+    ["c<n>", ["D<depth>"], "c<m>"] is a one-line error."""
+    expected = "['c<n>', ['D<depth>'], 'c<m>'] (conv blocks per side, DiT blocks with MLPs inside)"
     if not (isinstance(layout, (list, tuple)) and len(layout) == 3 and isinstance(layout[1], (list, tuple))):
         raise ReleaseCheckpointError(f"{path}: arch_layout {layout!r} is not supported; expected {expected}")
     inner = layout[1]
@@ -107,12 +106,11 @@ def _parse_layout(layout, path: str) -> int:
         raise ReleaseCheckpointError(f"{path}: arch_layout {layout!r} nests a second chunking stage; this converter "
                                      f"takes single-stage models, expected {expected}")
     # "C" (conv block with an MLP) builds the same block as "c" in the release: its has_mlp flag is unused.
-    sides = (str(layout[0]).lower(), str(layout[2]).lower())
-    if sides != (ENCODER_LAYOUT, DECODER_LAYOUT) or len(inner) != 1 \
+    sides = [str(side).lower() for side in (layout[0], layout[2])]
+    if not all(re.fullmatch(r"c[1-9]\d*", side) for side in sides) or len(inner) != 1 \
             or not isinstance(inner[0], str) or not re.fullmatch(r"D\d+", inner[0]):
-        raise ReleaseCheckpointError(f"{path}: arch_layout {layout!r} is not supported; expected {expected} (two conv "
-                                     f"blocks per side, DiT blocks with MLPs inside)")
-    return int(inner[0][1:])
+        raise ReleaseCheckpointError(f"{path}: arch_layout {layout!r} is not supported; expected {expected}")
+    return sides[0], int(inner[0][1:]), sides[1]
 
 
 def release_to_config(record: ReleaseRecord, path: str = "release checkpoint") -> Config:
@@ -123,7 +121,7 @@ def release_to_config(record: ReleaseRecord, path: str = "release checkpoint") -
     if not isinstance(hnet, ReleaseRecord):
         raise ReleaseCheckpointError(f"{path}: config.model.hnet missing from the release config")
     hnet = hnet.fields()
-    depth = _parse_layout(hnet.get("arch_layout"), path)
+    encoder_layout, depth, decoder_layout = _parse_layout(hnet.get("arch_layout"), path)
     widths = list(hnet.get("d_model") or [])
     if len(widths) != 2 or widths[0] != widths[1]:
         raise ReleaseCheckpointError(f"{path}: d_model {widths}: expected one width for the scaffold and the inner "
@@ -143,7 +141,8 @@ def release_to_config(record: ReleaseRecord, path: str = "release checkpoint") -
                       class_dropout_prob=float(training.get("class_dropout_prob", 0.1)),
                       learn_sigma=bool(training.get("learn_sigma", True)), depth=depth, hidden_size=hidden,
                       num_heads=heads, mlp_ratio=float(model.get("mlp_ratio", 4.0)), encoder_width=width,
-                      norm_groups=32, router="predictability", downsample_factor=n,
+                      norm_groups=32, encoder_layout=encoder_layout, decoder_layout=decoder_layout,
+                      router="predictability", downsample_factor=n,
                       dechunk_sigma=float(hnet.get("dechunk_kernel_sigma", 1.0)), inner_norm=True,
                       residual_init="xavier", attention="packed"),
         "diffusion": dict(diffusion_steps=int(diffusion.get("diffusion_steps", 1000)),

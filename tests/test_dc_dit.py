@@ -282,3 +282,32 @@ def test_pos_embed_table_is_the_formula_at_each_kept_position_and_not_saved():
     ref = sincos_2d(grid_coords(idx, (6, 6)) * 0.5, 32)
     torch.testing.assert_close(m.pos_embed(idx), ref, atol=0, rtol=0)
     assert "pos_table" not in m.state_dict()  # derived from the config: checkpoints keep their keys
+
+
+def test_scaffold_layouts():
+    """c3 adds a conv block per side; c1D1 puts a DiT block (dense attention over the grid) in the encoder after
+    the width change and one before it in the decoder; parameters and FLOPs follow; a sample still ignores its
+    batch; a side that must change width without a conv block is a one-line error."""
+    from models.flops import component_flops
+    from models.isotropic import GridDiTBlock, ResBlock
+    base = tiny()
+    deeper = tiny(encoder_layout="c3", decoder_layout="c3")
+    mixed = randomize(tiny(encoder_layout="c1D1", decoder_layout="d1c1"))
+    assert [type(b) for b in deeper.encoder.blocks] == [ResBlock] * 3
+    assert [type(b) for b in mixed.encoder.blocks] == [ResBlock, GridDiTBlock]
+    assert mixed.encoder.blocks[1].block.attn.qkv.in_features == 64          # after the change: width D
+    assert [type(b) for b in mixed.decoder.blocks] == [GridDiTBlock, ResBlock]
+    assert mixed.decoder.blocks[0].block.mlp is None and mixed.decoder.blocks[0].block.attn.qkv.in_features == 64
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(deeper) > count(base) and count(mixed) != count(base)
+    f_base, f_mixed = component_flops(base, 20), component_flops(mixed, 20)
+    assert f_mixed["encoder"] != f_base["encoder"] and f_mixed["attention"] == f_base["attention"]
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([3, 500, 900]), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        out = mixed(x, t, y)
+        alone = mixed(x[1:2], t[1:2], y[1:2])
+    torch.testing.assert_close(alone, out[1:2], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"model.encoder_layout 'D2': changing width 16 <-> 64 needs a conv block"):
+        tiny(encoder_layout="D2")
+    with pytest.raises(ValueError, match=r"model.decoder_layout 'x2'"):
+        tiny(decoder_layout="x2")

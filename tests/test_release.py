@@ -181,7 +181,7 @@ def test_release_classes_are_never_resolved_through_an_import(tmp_path, monkeypa
 
 @pytest.mark.parametrize("layout,needle", [
     ((("c2", ["c1", ["D2"], "c1"], "c2")), "nests a second chunking stage"),
-    ((("c3", ["D2"], "c2")), "is not supported"),
+    ((("c2D1", ["D2"], "c2")), "is not supported"),
     ((("c2", ["d2"], "c2")), "is not supported"),
 ])
 def test_unsupported_layouts_are_one_line_errors(tmp_path, monkeypatch, layout, needle):
@@ -216,3 +216,16 @@ def test_load_checkpoint_of_this_repo_and_its_errors(tmp_path):
         load_checkpoint(str(bare))
     with pytest.raises(ValueError, match="weights='raw'"):
         load_checkpoint(str(path), weights="raw")
+
+
+def test_release_conv_block_counts_become_scaffold_layouts(tmp_path, monkeypatch):
+    """A release model with three conv blocks per side converts to model.encoder_layout/decoder_layout c3."""
+    from models.release import release_to_config
+    mod, config = release_config_module(arch_layout=("c3", ["D2"], "C3"))
+    path = tmp_path / "c3.pt"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "config", mod)
+        torch.save({"model": {}, "ema": {}, "config": config}, path)
+    cfg = release_to_config(read_release_checkpoint(str(path))["config"])
+    assert (cfg.model.encoder_layout, cfg.model.decoder_layout, cfg.model.depth) == ("c3", "c3", 2)
+

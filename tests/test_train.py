@@ -197,3 +197,17 @@ def test_init_from_starts_a_new_run_from_checkpoint_weights(feature_dir, tmp_pat
     # ema_decay 1 keeps the EMA at the starting weights: exactly the source's EMA.
     assert all(torch.equal(new["ema"][k], v) for k, v in src["ema"].items())
     assert not all(torch.equal(new["model"][k], v) for k, v in src["ema"].items())  # and it did train
+
+
+def test_a_non_default_scaffold_trains_and_resumes_exactly(feature_dir, tmp_path):
+    """model.encoder_layout / decoder_layout with DiT blocks in the scaffold: resume repeats the losses."""
+    common = ["--config", "configs/tiny/test-dcdit.yaml", f"data.feature_path={feature_dir}", "train.log_every=1",
+              "train.ckpt_every=2", "model.encoder_layout=c1D1", "model.decoder_layout=d1c2"]
+    run_script(["train.py", *common, "train.max_steps=4", f"train.results_dir={tmp_path / 'a'}"])
+    run_script(["train.py", *common, "train.max_steps=2", f"train.results_dir={tmp_path / 'b'}"])
+    run_b = only_run(tmp_path / "b")
+    run_script(["train.py", "--resume", run_b, "train.max_steps=4"])
+    full, resumed = losses(only_run(tmp_path / "a")), losses(run_b)
+    assert [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)]
+    ck = torch.load(os.path.join(run_b, "checkpoints", "0000004.pt"), weights_only=True)
+    assert any(k.startswith("encoder.blocks.1.block.attn") for k in ck["model"])
