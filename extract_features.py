@@ -110,8 +110,9 @@ def parse_args(argv=None):
     parser.add_argument("--vae-path", default=None, help="local diffusers AutoencoderKL folder (overrides --vae)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per process per step")
     parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--flip", choices=["none", "random", "both"], default="none",
-                        help="horizontal flip: none, random per image (seeded), or both copies")
+    parser.add_argument("--flip", choices=["none", "random", "both"], default="random",
+                        help="horizontal flip: random per image (seeded; Fast-DiT's and the release's augmentation, "
+                             "the default), none, or both copies")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)

@@ -50,8 +50,11 @@ def free_port():
 
 
 def extract_args(workspace, out, *extra):
+    """The tests compare against unflipped encodings unless they ask for a flip mode (the default is random)."""
+    flip = [] if "--flip" in extra else ["--flip", "none"]
     return ["--data-path", workspace["images"], "--features-path", str(out), "--vae-path", workspace["vae"],
-            "--image-size", str(IMAGE_SIZE), "--device", "cpu", "--num-workers", "0", "--seed", str(SEED), *extra]
+            "--image-size", str(IMAGE_SIZE), "--device", "cpu", "--num-workers", "0", "--seed", str(SEED), *flip,
+            *extra]
 
 
 def run_extract(workspace, out, *extra, nproc=1):
@@ -189,3 +192,9 @@ def test_user_errors_exit_2_with_one_line(workspace, tmp_path, capsys, case):
     assert err.startswith("error: ") and err.count("\n") == 1
     assert (vae if case.endswith("vae") else data) in err
     assert not os.path.exists(tmp_path / "out")  # failed before writing anything
+
+
+def test_random_flip_is_the_default():
+    """As Fast-DiT and the authors' release extract features: a seeded coin per image."""
+    assert extract_features.parse_args(["--data-path", "x", "--features-path", "y"]).flip == "random"
+
