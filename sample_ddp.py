@@ -16,13 +16,16 @@ always whole). After a barrier rank 0 writes
   DIR.json  the resolved config, checkpoint, seed, guidance and tail-drop budgets, parameters, TFLOPs/img
             measured from the tokens the inner blocks really ran (models/flops.py), per-step kept-token
             statistics and raw counts (`kept_tokens`, (steps, rows): cond rows then uncond rows of the
-            images drawn in this run, in index order), and per-step wall time / throughput (paper Fig. 4);
+            images drawn in this run, in index order), `tflops_per_img_by_component` (condition, encoder,
+            router, ..., final_layer, summing to `tflops_per_img`; not for DyDiT), and per-step wall time /
+            throughput (paper Fig. 4);
             with DyDiT (dydit.enabled, §4.5) also `dydit`: the TFLOPs/img its gates left (then also
             `tflops_per_img`), the DC-DiT's at the same kept tokens, their ratio, and per step the share of
             heads, MLP groups and MLP tokens kept.
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -36,7 +39,8 @@ from fileio import atomic_write
 from models import is_dcdit
 from sampling import (SampleError, Sampler, add_sampling_args, class_labels, describe_budgets, generate, image_size,
                       load_model_for_sampling, load_vae_if_latent, uncond_budget)
-from models.flops import count_params, dcdit_flops_coeffs, dydit_dims, dydit_info_row_flops, static_block_flops
+from models.flops import (component_coeffs, count_params, dcdit_flops_coeffs, dydit_dims, dydit_info_row_flops,
+                          static_block_flops, tflops_by_component, tflops_per_image_by_component)
 
 SETTINGS_FILE = ".settings.json"  # inside DIR: what its PNGs were drawn with, checked on resume
 
@@ -301,6 +305,19 @@ def measure_tflops(model, cfg, merged: dict):
     return forward_flops(model) * cfg.sample.num_sampling_steps * (2 if use_cfg else 1) / 1e12
 
 
+def measure_tflops_by_component(model, cfg, merged: dict, total: float):
+    """measure_tflops split by part of the model ({component: TFLOPs/img}, models.flops.component_coeffs priced at
+    the same measured kept counts; a DiT's fixed component_flops), checked to sum to `total`, its value."""
+    use_cfg = cfg.sample.cfg_scale > 1.0
+    if is_dcdit(cfg.model.name):
+        parts = tflops_by_component(component_coeffs(model), merged["kept_tokens"], use_cfg)
+    else:
+        parts = tflops_per_image_by_component(model, steps=cfg.sample.num_sampling_steps, cfg=use_cfg)
+    if not math.isclose(sum(parts.values()), total, rel_tol=1e-9):
+        raise RuntimeError(f"TFLOPs/img by component sum to {sum(parts.values())!r}, the total is {total!r}")
+    return parts
+
+
 # ----------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------
@@ -378,6 +395,10 @@ def run(args, rank: int, world: int, device) -> None:
         "npz": os.path.abspath(f"{out_dir}.npz"), **merged,
     }
     report["tflops_per_img"] = measure_tflops(model, cfg, merged)
+    # Not for DyDiT: its TFLOPs/img below are the gates' per-step sums (GateLog), which keep no split by part.
+    if report["tflops_per_img"] is not None and not cfg.dydit.enabled:
+        report["tflops_per_img_by_component"] = measure_tflops_by_component(model, cfg, merged,
+                                                                            report["tflops_per_img"])
     if cfg.dydit.enabled:
         report["dydit"] = merge_gate_logs(gate_payloads, merged["timesteps"], merged["measured_images"],
                                           cfg.dydit.target_ratio)

@@ -7,13 +7,15 @@ per-step noise, the unconditional CFG half's noise, the class label), so an imag
 batch it was drawn in, nor on the number of processes in sample_ddp.py (EDM2's per-image seeding).
 `Sampler` wraps the model for the diffusion loop: classifier-free guidance, tail dropping and Lite-CFG
 (elastic inference, one checkpoint at many budgets), and a record per model call of the tokens the inner
-blocks really ran, from which tools/flops.py prices the run.
+blocks really ran, from which tools/flops.py prices the run. `sampling_summary` turns those records into what
+a run spent per CFG branch (kept shares, compression, FLOPs by component, time per step), and
+`step_profiler` traces a few steps of the loop with torch.profiler.
 """
 import argparse
 import math
 import os
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ from config import VAE_DOWNSAMPLE, format_config, load_config, validate
 from data import to_uint8_images
 from diffusion import create_diffusion
 from models import create_model, is_dcdit, load_checkpoint
+from models.flops import component_coeffs, tflops_by_component, tflops_per_image_by_component, tflops_per_step
 
 # Random streams of one image: each gets its own generator so that using one never shifts another.
 NOISE_STREAM, UNCOND_NOISE_STREAM, LABEL_STREAM = 0, 1, 2
@@ -77,9 +80,10 @@ def load_model_for_sampling(args, ckpt_path: str, use_ema: bool = True, device="
 class Sampler:
     """Wraps a model for the diffusion loop: CFG / Lite-CFG / tail dropping, recording chunking stats.
 
-    `records` gets one dict per model call (= per sampling step): t (original timestep), kept (rows,) the
-    tokens each row's inner blocks ran on (cond rows then uncond rows under CFG), seconds (wall time of the
-    call, synchronised on CUDA), and with keep_maps also prob / mask (rows, L) for chunking_viz.
+    `records` gets one dict per model call (= per sampling step): t (original timestep), seconds (wall time
+    of the call, synchronised on CUDA) and, for DC-DiT, kept (rows,) the tokens each row's inner blocks ran
+    on (cond rows then uncond rows under CFG) and mean_prob (rows,) each row's mean boundary probability
+    over its L tokens; with keep_maps also prob / mask (rows, L) for chunking_viz.
     """
 
     def __init__(self, model, cfg, cfg_scale: float, tail_drop: float = 0.0, uncond_tail_drop: Optional[float] = None,
@@ -122,6 +126,7 @@ class Sampler:
         record = {"t": int(t[0]), "seconds": time.perf_counter() - start}
         if info is not None:
             record["kept"] = info.kept.detach().cpu()                        # (rows,)
+            record["mean_prob"] = info.router.prob.detach().float().mean(-1).cpu()  # (rows,)
             if self.keep_maps:
                 record["prob"] = info.router.prob.detach().cpu()             # (rows, L)
                 record["mask"] = info.router.mask.detach().cpu()             # (rows, L)
@@ -138,12 +143,15 @@ def initial_noise(cfg, gens: list, device) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, cfg, labels: torch.Tensor, seed: int = 0, device="cpu", indices: Optional[Sequence[int]] = None,
-             sampler: Optional[Sampler] = None, progressive: bool = False, progress: bool = False, vae=None):
+             sampler: Optional[Sampler] = None, progressive: bool = False, progress: bool = False, vae=None,
+             on_step: Optional[Callable[[], None]] = None):
     """Sample images for `labels` -> (B, C_img, H_img, W_img) in [-1, 1] (decoded when latent), or with
-    progressive=True (images, steps) with steps a list of per-step dicts (x_t and predicted x0, model space).
+    progressive=True (images, steps) with steps a list of per-step dicts in model space, (B, C, H, W) each:
+    x_t (the input the model and its router saw at that step), sample (x_{t-1}) and pred_xstart (predicted x0).
 
     indices: the image index of each label (default 0..B-1); it alone seeds that image's noise.
     sampler: default = the config's cfg_scale, tail dropping and Lite-CFG budget.
+    on_step: called after every denoising step (a profiler's `step`).
     """
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     n = len(labels)
@@ -171,14 +179,15 @@ def generate(model, cfg, labels: torch.Tensor, seed: int = 0, device="cpu", indi
     was_training = model.training
     model.eval()  # label dropout and any train-only behaviour off, whatever the caller left on
     try:
-        steps = []
-        if progressive:
-            for out in diffusion.p_sample_loop_progressive(sampler, z.shape, progress=progress, **kwargs):
-                steps.append({"sample": out["sample"][:n].cpu(), "pred_xstart": out["pred_xstart"][:n].cpu()})
-            samples = steps[-1]["sample"].to(device)                        # (B, C, H, W)
-        else:
-            samples = diffusion.p_sample_loop(sampler, z.shape, progress=progress, **kwargs)[:n]
-        images = to_pixels(samples, cfg, vae, device)                        # (B, C_img, H_img, W_img)
+        steps, x_t = [], z
+        for out in diffusion.p_sample_loop_progressive(sampler, z.shape, progress=progress, **kwargs):
+            if progressive:
+                steps.append({"x_t": x_t[:n].cpu(), "sample": out["sample"][:n].cpu(),
+                              "pred_xstart": out["pred_xstart"][:n].cpu()})
+            x_t = out["sample"]                                              # (B or 2B, C, H, W): next step's input
+            if on_step is not None:
+                on_step()
+        images = to_pixels(x_t[:n], cfg, vae, device)                        # (B, C_img, H_img, W_img)
     finally:
         model.train(was_training)
     return (images, steps) if progressive else images
@@ -362,3 +371,124 @@ def load_vae_if_latent(cfg, device):
     return load_vae(cfg.data.vae, cfg.data.vae_path, device)
 
 
+def _spread(x: np.ndarray) -> dict:
+    """(S, n) values per step and image -> per step the mean, min and max over images."""
+    return {"mean": x.mean(1).tolist(), "min": x.min(1).tolist(), "max": x.max(1).tolist()}
+
+
+def sampling_summary(sampler: Sampler, n: int) -> dict:
+    """What a sampling run spent, per CFG branch ("cond", and "uncond" under CFG), from `sampler.records`.
+
+    Per branch: the tail-drop fraction it ran at and TFLOPs/img in total, per step and by component
+    (models.flops: component_coeffs priced at the kept counts as run, so Lite-CFG's cheaper unconditional
+    rows cost less; a DiT's fixed cost from component_flops); for DC-DiT also the kept share M / L and mean
+    boundary probability (over the run, and per step as mean, min and max over the n images) and the
+    compression L / M (geometric mean, min and max over steps and images). For the run: wall time per step
+    (both branches run in one model call), TFLOPs/img summed over branches, by component too, and (DC-DiT)
+    the raw kept counts `kept_tokens` (steps, rows) in sample_ddp.py's layout.
+    """
+    records, model, cfg = sampler.records, sampler.model, sampler.cfg
+    if not records:
+        raise ValueError("sampling_summary: the sampler has no records; pass it to generate(..., sampler=...) first")
+    steps = len(records)
+    seconds = np.array([r["seconds"] for r in records])                     # (S,)
+    timed = seconds[1:] if steps > 1 else seconds  # the first call carries one-off costs (allocation, kernel choice)
+    rows = {"cond": slice(0, n), "uncond": slice(n, 2 * n)} if sampler.use_cfg else {"cond": slice(0, n)}
+    uncond_f = sampler.tail_drop if sampler.uncond_tail_drop is None else sampler.uncond_tail_drop
+    out = {"model": cfg.model.name, "images": n, "steps": steps, "timesteps": [r["t"] for r in records],
+           "cfg_scale": sampler.cfg_scale, "budgets": describe_budgets(cfg),
+           "seconds_per_step": seconds.tolist(), "mean_seconds_per_step": float(timed.mean()),
+           "mean_seconds_per_step_per_image": float(timed.mean() / n), "branches": {}}
+    if sampler.dcdit:
+        L = model.grid[0] * model.grid[1]
+        kept = torch.stack([r["kept"] for r in records]).double().numpy()       # (S, rows)
+        prob = torch.stack([r["mean_prob"] for r in records]).double().numpy()  # (S, rows)
+        parts = component_coeffs(model)
+        coeffs = tuple(sum(c[i] for c in parts.values()) for i in range(3))      # the model's a, b, c
+        out["tokens"] = L
+        out["kept_tokens"] = kept.astype(np.int64).tolist()  # (S, rows) as sample_ddp.py's, for tools/flops.py
+        if cfg.dydit.enabled:
+            out["flops_note"] = "DC-DiT cost at the kept tokens: DyDiT's gates are not priced here"
+    for branch, sl in rows.items():
+        if sampler.dcdit:
+            m = kept[:, sl]                                                      # (S, n)
+            compression = L / m
+            b = {"tail_dropping_fraction": sampler.tail_drop if branch == "cond" else uncond_f,
+                 "kept_share": float((m / L).mean()), "boundary_prob": float(prob[:, sl].mean()),
+                 "compression": {"geomean": float(np.exp(np.log(compression).mean())),
+                                 "min": float(compression.min()), "max": float(compression.max())},
+                 "tflops_per_img_by_component": tflops_by_component(parts, m, cfg=False),
+                 "per_step": {"kept_share": _spread(m / L), "boundary_prob": _spread(prob[:, sl]),
+                              "tflops_per_img": tflops_per_step(coeffs, m, cfg=False).tolist()}}
+        else:  # a DiT runs every token of every row: a fixed cost per step
+            by_component = tflops_per_image_by_component(model, steps=steps, cfg=False)
+            b = {"tail_dropping_fraction": None, "tflops_per_img_by_component": by_component,
+                 "per_step": {"tflops_per_img": [sum(by_component.values()) / steps] * steps}}
+        b["tflops_per_img"] = float(sum(b["tflops_per_img_by_component"].values()))
+        out["branches"][branch] = b
+    branches = out["branches"].values()
+    out["tflops_per_img"] = float(sum(b["tflops_per_img"] for b in branches))
+    names = next(iter(branches))["tflops_per_img_by_component"]
+    out["tflops_per_img_by_component"] = {k: float(sum(b["tflops_per_img_by_component"][k] for b in branches))
+                                          for k in names}
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    """sampling_summary as the table sample.py prints: one row per branch, then TFLOPs/img by component."""
+    branches = summary["branches"]
+    dcdit = "tokens" in summary
+    lines = [f"summary: {summary['images']} images x {summary['steps']} steps; {summary['budgets']}"]
+    if dcdit:
+        lines.append(f"{'branch':8s} {'tail drop':>9s} {'kept M/L':>9s} {'L/M geomean [min, max]':>24s} "
+                     f"{'mean p':>7s} {'TFLOPs/img':>11s}")
+        for name, b in branches.items():
+            c = b["compression"]
+            span = f"{c['geomean']:.2f} [{c['min']:.2f}, {c['max']:.2f}]"
+            lines.append(f"{name:8s} {b['tail_dropping_fraction']:9.2f} {b['kept_share']:9.1%} {span:>24s} "
+                         f"{b['boundary_prob']:7.3f} {b['tflops_per_img']:11.4g}")
+    else:
+        lines.append(f"{'branch':8s} {'TFLOPs/img':>11s}   (DiT: every token at every step)")
+        for name, b in branches.items():
+            lines.append(f"{name:8s} {b['tflops_per_img']:11.4g}")
+    lines.append(f"total TFLOPs/img {summary['tflops_per_img']:.4g}, by component:")
+    total = summary["tflops_per_img_by_component"]
+    lines.append(f"  {'component':12s} " + " ".join(f"{k:>11s}" for k in branches) + f" {'all':>11s} {'share':>6s}")
+    for k, v in total.items():
+        if v == 0:
+            continue  # parts without FLOPs (gathers, norms) would only add zero rows
+        per_branch = " ".join(f"{b['tflops_per_img_by_component'][k]:11.4g}" for b in branches.values())
+        lines.append(f"  {k:12s} {per_branch} {v:11.4g} {v / summary['tflops_per_img']:6.1%}")
+    lines.append(f"time per step: {summary['mean_seconds_per_step']:.4g} s for {summary['images']} images "
+                 f"({summary['mean_seconds_per_step_per_image']:.4g} s per image; both branches in one call; "
+                 f"mean over the steps after the first)")
+    if "flops_note" in summary:
+        lines.append(f"note: {summary['flops_note']}")
+    return "\n".join(lines)
+
+
+PROFILE_SKIP, PROFILE_WARMUP = 1, 1  # steps before the profiler records: one-off first-step costs, then its warm-up
+
+
+def profiled_steps(num_steps: int, record_steps: int) -> range:
+    """The 1-based sampling steps step_profiler records: after the skipped and warm-up steps, at most
+    `record_steps`, and no further than the run goes (empty when the run is too short)."""
+    first = PROFILE_SKIP + PROFILE_WARMUP + 1
+    return range(first, min(first + record_steps, num_steps + 1))
+
+
+def step_profiler(trace_dir: str, num_steps: int, record_steps: int = 3, cuda: bool = False):
+    """torch.profiler.profile over a sampling loop that calls its `step` after every denoising step
+    (generate's on_step): CPU activity, and CUDA with cuda=True, of the steps profiled_steps gives, written
+    by tensorboard_trace_handler to trace_dir as *.pt.trace.json when the last of them ends. A run that
+    ends inside the profiler's warm-up would write nothing, so the recorded count is cut to the run."""
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+    active = len(profiled_steps(num_steps, record_steps))
+    if active < 1:
+        raise ValueError(f"step_profiler: {num_steps} sampling steps leave none to record after "
+                         f"{PROFILE_SKIP} skipped and {PROFILE_WARMUP} warm-up; expected at least "
+                         f"{PROFILE_SKIP + PROFILE_WARMUP + 1}")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    return profile(activities=activities, record_shapes=True,
+                   schedule=schedule(skip_first=PROFILE_SKIP, wait=0, warmup=PROFILE_WARMUP, active=active, repeat=1),
+                   on_trace_ready=tensorboard_trace_handler(trace_dir))

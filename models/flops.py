@@ -363,6 +363,14 @@ def tflops_per_image(model: nn.Module, kept: Optional[int] = None, steps: int = 
     return forward_flops(model, kept) * steps * (2 if cfg else 1) / 1e12
 
 
+def tflops_per_image_by_component(model: nn.Module, kept: Optional[int] = None, steps: int = DEFAULT_STEPS,
+                                  cfg: bool = True) -> dict:
+    """tflops_per_image split by part of the model: {component: TFLOPs/img}, from component_flops at a fixed cost
+    per forward (a DiT, or a DC-DiT at M = kept every step), summing to tflops_per_image to float rounding."""
+    per_image = steps * (2 if cfg else 1)
+    return {name: flops * per_image / 1e12 for name, flops in component_flops(model, kept).items()}
+
+
 def tflops_by_component(component_coeffs: dict, counts, cfg: bool = True) -> dict:
     """tflops_from_counts for each part: {component: TFLOPs/img}, summing to tflops_from_counts of the model."""
     return {name: tflops_from_counts(coeffs, counts, cfg) for name, coeffs in component_coeffs.items()}
@@ -385,6 +393,15 @@ def tflops_from_counts(coeffs: Sequence[float], counts, cfg: bool = True) -> flo
         raise ValueError(f"with CFG the rows are [cond; uncond] halves, so their number must be even, got {rows}")
     n_images = rows // 2 if cfg else rows
     return float(quadratic(coeffs, arr).sum()) / n_images / 1e12
+
+
+def tflops_per_step(coeffs: Sequence[float], counts, cfg: bool = True) -> np.ndarray:
+    """(steps,) TFLOPs per image spent at each sampling step, priced as tflops_from_counts (whose total is their
+    sum): the step's rows a + b M + c M^2 summed, over the images they belong to."""
+    arr = np.asarray(counts, dtype=np.float64)  # (steps, rows)
+    tflops_from_counts(coeffs, arr, cfg)        # the same checks of shape, counts and CFG halves
+    n_images = arr.shape[1] // 2 if cfg else arr.shape[1]
+    return quadratic(coeffs, arr).sum(1) / n_images / 1e12  # (steps,)
 
 
 def build_model(cfg, device: str = "meta") -> nn.Module:

@@ -194,3 +194,33 @@ def test_flops_by_component_sum_to_the_total_and_match_closed_forms():
     assert sum(parts.values()) == forward_flops(dit) and parts["other"] == 0
     T = (8 // 2) ** 2  # patch-2 tokens of an 8 x 8 latent
     assert parts["attention"] == depth * (8 * T * D * D + 4 * T * T * D)
+
+
+def test_cli_components_sum_to_the_total(tmp_path, capsys):
+    """--components: TFLOPs/img by part, priced as the total (measured counts, a fixed M, a DiT), summing to it."""
+    import math
+    kept = [[20, 30, 8, 9], [22, 31, 9, 9]]  # 2 steps, 2 images with CFG (cond rows, then uncond rows)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"kept_tokens": kept}))
+    for argv in (["--config", "configs/tiny/test-dcdit.yaml", "--from-json", str(path)],
+                 ["--config", "configs/tiny/test-dcdit.yaml", "--kept-tokens", "20", "--steps", "5", "--no-cfg"],
+                 ["--config", "configs/tiny/test-dit.yaml", "--steps", "5"]):
+        flops_main(argv + ["--components", "--json"])
+        r = json.loads(capsys.readouterr().out)
+        parts = r["tflops_by_component"]
+        assert math.isclose(sum(parts.values()), r["tflops"], rel_tol=1e-9), argv
+        assert parts["attention"] > 0 and parts["mlp"] > 0 and all(v >= 0 for v in parts.values())
+        flops_main(argv + ["--components"])
+        text = capsys.readouterr().out
+        assert "attention" in text and text.strip().splitlines()[-1].split()[-1] == "100.00%"  # the sum row
+    assert set(parts) == {"condition", "patchify", "attention", "mlp", "modulation", "final_layer", "other"}
+
+
+def test_tflops_per_step_adds_up_to_the_run():
+    from models.flops import tflops_per_step
+    coeffs = (1_000_000, 5_000, 30)
+    counts = [[40, 50, 10, 12], [30, 44, 9, 9], [20, 21, 3, 4]]  # 3 steps, 2 images under CFG
+    per_step = tflops_per_step(coeffs, counts, cfg=True)
+    assert per_step.shape == (3,) and per_step[0] > per_step[1] > per_step[2]
+    assert per_step.sum() == pytest.approx(tflops_from_counts(coeffs, counts, cfg=True), rel=1e-12)
+    assert per_step[2] == pytest.approx(sum(quadratic(coeffs, m) for m in counts[2]) / 2 / 1e12)

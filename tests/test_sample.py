@@ -1,7 +1,9 @@
-"""sampling.py and sample.py: grids, chunking_viz, per-image seeds (batch independence), tail dropping, Lite-CFG,
-flag errors."""
+"""sampling.py and sample.py: grids, chunking_viz (x_t rows, per-sample files, --no-visualize), the run summary
+(JSON, figure), --profile, per-image seeds (batch independence), tail dropping, Lite-CFG, flag errors."""
 import argparse
 import copy
+import json
+import re
 
 import numpy as np
 import pytest
@@ -254,6 +256,13 @@ def test_dit_checkpoint_samples_a_grid_and_refuses_tail_dropping(tmp_path, capsy
     path = make_checkpoint(tmp_path / "dit.pt", TINY_DIT)
     sample.main(["--ckpt", path, "--out-dir", str(tmp_path), "--class-labels", "1", "2", "--device", "cpu"])
     assert (tmp_path / "sample.png").exists() and not (tmp_path / "chunking_viz.png").exists()
+    # The summary prices a DiT's fixed cost by component: 3 steps, two branches (CFG) of one forward each.
+    from models.flops import component_flops
+    summary = json.loads((tmp_path / "sample_summary.json").read_text())
+    parts = component_flops(load(path)[0])
+    assert summary["tflops_per_img_by_component"] == pytest.approx({k: v * 3 * 2 / 1e12 for k, v in parts.items()})
+    assert summary["branches"]["cond"]["tflops_per_img"] == pytest.approx(summary["tflops_per_img"] / 2)
+    assert not (tmp_path / "chunking_summary.png").exists()
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main_guard(sample.main)(["--ckpt", path, "--tail-dropping-fraction", "0.3", "--out-dir", str(tmp_path)])
@@ -268,6 +277,8 @@ def test_dit_checkpoint_samples_a_grid_and_refuses_tail_dropping(tmp_path, capsy
     (["--tail-dropping-fraction", "1.0"], "sample.tail_dropping_fraction"),
     (["--class-labels", "10"], "outside [0, 10)"),
     (["--ckpt", "/nonexistent.pt"], "no such file"),
+    (["--viz-rows", "xt,q"], "--viz-rows 'xt,q'"),
+    (["--profile", "--num-sampling-steps", "2"], "--profile"),
 ])
 def test_bad_flags_are_one_line_errors(tiny, tmp_path, capsys, flags, message):
     path, _, _ = tiny
@@ -277,3 +288,115 @@ def test_bad_flags_are_one_line_errors(tiny, tmp_path, capsys, flags, message):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def test_no_visualize_keeps_no_steps_or_maps(tiny, tmp_path, monkeypatch):
+    """--no-visualize samples without the progressive pass and without boundary maps, and writes no chunking_viz,
+    while the summary (which needs neither) is still written."""
+    path, _, _ = tiny
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return sampling.generate(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "generate", spy)
+    sample.main(["--ckpt", path, "--out-dir", str(tmp_path), "--class-labels", "0", "1", "--num-sampling-steps", "2",
+                 "--no-visualize", "--device", "cpu"])
+    (kw,) = calls
+    assert not kw["progressive"] and not kw["sampler"].keep_maps
+    assert len(kw["sampler"].records) == 2 and not any("prob" in r for r in kw["sampler"].records)
+    assert not list(tmp_path.glob("chunking_viz*.png"))
+    assert (tmp_path / "sample_summary.json").exists() and (tmp_path / "chunking_summary.png").exists()
+
+
+class _Inputs(sampling.Sampler):
+    """A Sampler that keeps every input x_t the diffusion loop hands the model."""
+
+    def __call__(self, x, t, y):
+        self.inputs = getattr(self, "inputs", []) + [x.clone()]
+        return super().__call__(x, t, y)
+
+
+def test_xt_row_shows_the_input_the_model_saw(tiny, tmp_path):
+    """The xt row of column j is the batch the model (and its router) received at that column's step; x0 and p
+    rows are that step's prediction and boundary map."""
+    _, model, cfg = tiny
+    sampler = _Inputs(model, cfg, 2.0)
+    _, steps = sampling.generate(model, cfg, torch.tensor([3, 4, 5]), sampler=sampler, progressive=True)
+    viz = visualize.chunking_viz(steps, sampler.records, cfg, str(tmp_path / "viz.png"), num_samples=2, num_cols=3,
+                                 rows=("xt", "x0", "p"))
+    panels = viz["panels"]
+    assert panels["steps"] == [0, 2, 3] and panels["xt"].shape == (3, 2, 8, 8, 3)
+    for j, k in enumerate(panels["steps"]):
+        assert np.array_equal(panels["xt"][j], to_uint8_images(sampler.inputs[k][:2]))
+        assert np.array_equal(panels["x0"][j], to_uint8_images(steps[k]["pred_xstart"][:2]))
+        assert np.array_equal(panels["p"][j], sampler.records[k]["prob"][:2].view(2, 8, 8).numpy())
+    assert not np.array_equal(panels["xt"][0], panels["x0"][0])  # x_T is noise, not the prediction
+    assert visualize.parse_viz_rows("xt,x0,p") == ("xt", "x0", "p")
+    for bad in ("xt,q", "x0,x0", "", "p,"):
+        with pytest.raises(visualize.PlotError, match="--viz-rows"):
+            visualize.parse_viz_rows(bad)
+
+
+@pytest.fixture(scope="module")
+def lite_run(tiny, tmp_path_factory):
+    """One sample.py run under Lite-CFG with per-sample figures, the xt row and --profile: (out dir, stdout)."""
+    import contextlib
+    import io
+    path, _, _ = tiny
+    out = tmp_path_factory.mktemp("lite")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        sample.main(["--ckpt", path, "--out-dir", str(out), "--class-labels", "0", "1", "2", "--device", "cpu",
+                     "--cfg-scale", "2.0", "--lite-cfg", "--uncond-tail-dropping-fraction", "0.7",
+                     "--viz-per-sample", "--num-viz-samples", "2", "--viz-rows", "xt,p", "--profile"])
+    return out, stdout.getvalue()
+
+
+def test_viz_per_sample_writes_one_file_per_sample(lite_run):
+    out, printed = lite_run
+    assert sorted(p.name for p in out.glob("chunking_viz*.png")) == ["chunking_viz_0.png", "chunking_viz_1.png"]
+    assert "chunking_viz_1.png" in printed
+
+
+def test_summary_json_prices_each_branch_at_its_budget(lite_run, tiny):
+    """Kept shares are shares, components add up to every total, and Lite-CFG's uncond branch (tail drop 0.7)
+    keeps fewer tokens and costs less than the cond branch; the totals price the recorded kept counts."""
+    import json
+    import math
+    from models.flops import dcdit_flops_coeffs, tflops_from_counts
+    out, printed = lite_run
+    summary = json.loads((out / "sample_summary.json").read_text())
+    cond, uncond = summary["branches"]["cond"], summary["branches"]["uncond"]
+    assert (cond["tail_dropping_fraction"], uncond["tail_dropping_fraction"]) == (0.0, 0.7)
+    for b in (cond, uncond):
+        assert 0 < b["kept_share"] <= 1 and 0 <= b["boundary_prob"] <= 1
+        for key in ("kept_share", "boundary_prob"):
+            spread = b["per_step"][key]
+            assert len(spread["mean"]) == summary["steps"] == 4
+            assert all(0 <= lo <= m <= hi <= 1 for lo, m, hi in zip(spread["min"], spread["mean"], spread["max"]))
+        c = b["compression"]
+        assert 1 <= c["min"] <= c["geomean"] <= c["max"]
+        assert math.isclose(sum(b["tflops_per_img_by_component"].values()), b["tflops_per_img"], rel_tol=1e-9)
+        assert math.isclose(sum(b["per_step"]["tflops_per_img"]), b["tflops_per_img"], rel_tol=1e-9)
+    assert uncond["kept_share"] < 0.5 * cond["kept_share"] and uncond["tflops_per_img"] < cond["tflops_per_img"]
+    assert uncond["compression"]["geomean"] > cond["compression"]["geomean"]
+    total = summary["tflops_per_img"]
+    assert math.isclose(sum(summary["tflops_per_img_by_component"].values()), total, rel_tol=1e-9)
+    assert math.isclose(cond["tflops_per_img"] + uncond["tflops_per_img"], total, rel_tol=1e-9)
+    _, model, _ = tiny
+    assert math.isclose(total, tflops_from_counts(dcdit_flops_coeffs(model), summary["kept_tokens"]), rel_tol=1e-9)
+    assert (out / "chunking_summary.png").stat().st_size > 0
+    assert re.search(r"^uncond +0\.70 +\d", printed, re.M) and "by component" in printed and "time per step" in printed
+
+
+def test_profile_writes_a_trace_of_the_sampling_loop(lite_run):
+    import json
+    out, printed = lite_run
+    (trace,) = (out / "profile").glob("*.pt.trace.json")
+    events = json.loads(trace.read_text())["traceEvents"]
+    # The profiler marks each recorded step: with 4 steps, the first skipped and one of warm-up, steps 3 and 4.
+    assert sorted(e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")) == \
+        ["ProfilerStep#2", "ProfilerStep#3"]
+    assert str(trace) in printed and "sampling steps 3-4" in printed

@@ -1,7 +1,8 @@
 """sample_ddp.py: same images for 1 and 2 processes, resume == uninterrupted, corrupt PNGs redrawn,
-Lite-CFG statistics and TFLOPs, one-line errors."""
+Lite-CFG statistics and TFLOPs (by component too), one-line errors."""
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from config import main_guard
 from data import to_uint8_images
 from sampling import class_labels, generate, load_model_for_sampling
 from test_sample import TINY_DIT, make_checkpoint
-from models.flops import dcdit_flops_coeffs, tflops_from_counts
+from models.flops import component_coeffs, dcdit_flops_coeffs, tflops_by_component, tflops_from_counts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 7  # images: odd, so the two ranks get 4 and 3 and batches end ragged
@@ -160,6 +161,13 @@ def test_lite_cfg_uncond_rows_cost_less(ckpt, tmp_path):
         argparse.Namespace(config=None, overrides=[], dry_run=False), ckpt)
     coeffs = dcdit_flops_coeffs(model)
     assert lite["tflops_per_img"] == pytest.approx(tflops_from_counts(coeffs, lite["kept_tokens"], cfg=True))
+    # By component: the same counts priced part by part, summing to the total; Lite-CFG saves inside the blocks.
+    for report in (plain, lite):
+        parts = report["tflops_per_img_by_component"]
+        assert math.isclose(sum(parts.values()), report["tflops_per_img"], rel_tol=1e-9)
+        assert parts == pytest.approx(tflops_by_component(component_coeffs(model), report["kept_tokens"]))
+    saved = {k: plain["tflops_per_img_by_component"][k] - v for k, v in lite["tflops_per_img_by_component"].items()}
+    assert saved["attention"] > 0 and saved["mlp"] > 0 and saved["encoder"] == 0
 
 
 def test_dit_run_reports_constant_flops(tmp_path):
@@ -170,6 +178,8 @@ def test_dit_run_reports_constant_flops(tmp_path):
     model, _ = load_model_for_sampling(
         argparse.Namespace(config=None, overrides=[], dry_run=False), ckpt)
     assert report["tflops_per_img"] == pytest.approx(forward_flops(model) * 3 * 2 / 1e12)
+    parts = report["tflops_per_img_by_component"]
+    assert math.isclose(sum(parts.values()), report["tflops_per_img"], rel_tol=1e-9) and parts["patchify"] > 0
 
 
 @pytest.mark.parametrize("flags,message", [

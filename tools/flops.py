@@ -5,7 +5,12 @@ a DC-DiT's cost is a + b M + c M^2 in its kept tokens M).
     python tools/flops.py --config configs/baselines/DiT-XL-2-isoflop.yaml
     python tools/flops.py --config configs/DCDiT-B-N4.yaml --kept-tokens 256
     python tools/flops.py --config configs/DCDiT-B-N4.yaml --from-json samples/run.json
+    python tools/flops.py --config configs/DCDiT-B-N4.yaml --from-json samples/run.json --components
     python tools/flops.py --table1 [--json]
+
+--components splits the TFLOPs/img by part of the model (condition, encoder, router, chunk, attention, mlp,
+modulation, inner_norm, dechunk, residual, decoder, final_layer; a DiT's patchify instead of the scaffold), each
+priced as the total is, so the parts sum to it.
 """
 import argparse
 import json
@@ -16,8 +21,9 @@ import numpy as np
 
 from config import add_config_args, config_from_args, load_config, main_guard
 from models import DiT
-from models.flops import (DEFAULT_STEPS, build_model, count_params, dcdit_flops_coeffs, forward_flops,
-                          kept_for_flops, quadratic, tflops_from_counts, tflops_per_image)
+from models.flops import (DEFAULT_STEPS, build_model, component_coeffs, count_params, dcdit_flops_coeffs,
+                          forward_flops, kept_for_flops, quadratic, tflops_by_component, tflops_from_counts,
+                          tflops_per_image, tflops_per_image_by_component)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where configs/ lives
 
@@ -156,6 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-cfg", action="store_true", help="one forward per step and image (no guidance)")
     parser.add_argument("--table1", action="store_true",
                         help="paper Table 1: our params and TFLOPs/img next to the paper's, DiT baselines and DC-DiT")
+    parser.add_argument("--components", action="store_true",
+                        help="also split TFLOPs/img by part of the model (key 'tflops_by_component' in --json)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
     return parser
 
@@ -171,6 +179,8 @@ def _single(args) -> dict:
         steps = args.steps or DEFAULT_STEPS
         flops = forward_flops(model)
         out.update(steps=steps, forward_flops=flops, tflops=flops * steps * (2 if cfg_on else 1) / 1e12)
+        if args.components:
+            out["tflops_by_component"] = tflops_per_image_by_component(model, steps=steps, cfg=cfg_on)
         return out
     if args.kept_tokens is not None and args.from_json:
         raise FlopsError("pass either --kept-tokens or --from-json, not both")
@@ -187,6 +197,8 @@ def _single(args) -> dict:
             raise FlopsError(f"--from-json {args.from_json}: {e}") from None
         arr = np.asarray(counts, dtype=np.float64)
         out.update(steps=len(counts), rows=arr.shape[1], mean_kept=float(arr.mean()), tflops=tflops)
+        if args.components:
+            out["tflops_by_component"] = tflops_by_component(component_coeffs(model), counts, cfg=cfg_on)
         return out
     kept = args.kept_tokens if args.kept_tokens is not None else round(L / cfg.model.downsample_factor)
     if not 1 <= kept <= L:
@@ -195,7 +207,17 @@ def _single(args) -> dict:
     flops = quadratic(coeffs, kept)
     out.update(steps=steps, kept=kept, kept_source="--kept-tokens" if args.kept_tokens is not None else "L / N",
                forward_flops=flops, tflops=flops * steps * (2 if cfg_on else 1) / 1e12)
+    if args.components:
+        out["tflops_by_component"] = tflops_per_image_by_component(model, kept, steps=steps, cfg=cfg_on)
     return out
+
+
+def format_components(parts: dict, total: float) -> list:
+    """Lines of a component table: TFLOPs/img and share of `total` for each part, then their sum."""
+    lines = [f"  {'component':12s} {'TFLOPs/img':>11s} {'share':>7s}"]
+    lines += [f"  {name:12s} {v:11.4g} {v / total:7.2%}" for name, v in parts.items()]
+    lines.append(f"  {'sum':12s} {sum(parts.values()):11.4g} {sum(parts.values()) / total:7.2%}")
+    return lines
 
 
 def _format_single(r: dict) -> str:
@@ -206,11 +228,14 @@ def _format_single(r: dict) -> str:
         if "rows" in r:
             lines.append(f"kept tokens from JSON: {r['steps']} steps x {r['rows']} rows, mean M = {r['mean_kept']:.1f}")
             lines.append(f"TFLOPs/img: {r['tflops']:.3f} (sum over steps and rows / images)")
-            return "\n".join(lines)
-        lines.append(f"M = {r['kept']} ({r['kept_source']}): forward {r['forward_flops'] / 1e9:.3f} GFLOPs")
+        else:
+            lines.append(f"M = {r['kept']} ({r['kept_source']}): forward {r['forward_flops'] / 1e9:.3f} GFLOPs")
     else:
         lines.append(f"forward {r['forward_flops'] / 1e9:.3f} GFLOPs")
-    lines.append(f"TFLOPs/img: {r['tflops']:.3f} (forward {mult})")
+    if "rows" not in r:
+        lines.append(f"TFLOPs/img: {r['tflops']:.3f} (forward {mult})")
+    if "tflops_by_component" in r:
+        lines += format_components(r["tflops_by_component"], r["tflops"])
     return "\n".join(lines)
 
 
@@ -220,8 +245,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.steps is not None and args.steps < 1:
         raise FlopsError(f"--steps must be >= 1, got {args.steps}")
     if args.table1:
-        if args.config or args.kept_tokens is not None or args.from_json or args.overrides:
-            raise FlopsError("--table1 uses the Table 1 configs; drop --config, overrides, --kept-tokens, --from-json")
+        if args.config or args.kept_tokens is not None or args.from_json or args.overrides or args.components:
+            raise FlopsError("--table1 uses the Table 1 configs; drop --config, overrides, --kept-tokens, --from-json, "
+                             "--components")
         steps = args.steps or DEFAULT_STEPS
         rows = table1_dit_rows(steps) + table1_dcdit_rows(steps)
         print(json.dumps(rows, indent=1) if args.json else format_table1(rows))
