@@ -33,9 +33,10 @@ import torch
 from config import add_config_args, main_guard
 from fileio import atomic_write
 from models import is_dcdit
-from sampling import (SampleError, Sampler, add_sampling_args, class_grid, describe_budgets, format_summary, generate,
-                      load_model_for_sampling, load_vae_if_latent, profiled_steps, sampling_summary, save_grid,
-                      step_profiler, uncond_budget)
+from sampling import (PROFILE_WARMUP, SampleError, Sampler, add_sampling_args, class_grid, describe_budgets,
+                      format_summary, generate, load_model_for_sampling, load_vae_if_latent, profiled_steps,
+                      sampling_summary, save_grid, uncond_budget)
+from tracking import step_profiler
 from visualize import DEFAULT_VIZ_ROWS, chunking_viz, parse_viz_rows, summary_figure
 
 
@@ -85,7 +86,7 @@ def main(argv=None):
     sampler = Sampler(model, cfg, cfg.sample.cfg_scale, cfg.sample.tail_dropping_fraction, uncond_budget(cfg),
                       keep_maps=visualize)
     trace_dir = os.path.join(args.out_dir, "profile")
-    profiler = step_profiler(trace_dir, cfg.sample.num_sampling_steps, args.profile_steps,
+    profiler = step_profiler(profiled.start, profiled.stop - 1, trace_dir, warmup=PROFILE_WARMUP,
                              cuda=torch.device(args.device).type == "cuda") if args.profile else None
     earlier_traces = set(glob.glob(os.path.join(trace_dir, "*.pt.trace.json")))
     print(f"sampling {len(labels)} images: {describe_budgets(cfg)}", flush=True)

@@ -475,20 +475,3 @@ def profiled_steps(num_steps: int, record_steps: int) -> range:
     `record_steps`, and no further than the run goes (empty when the run is too short)."""
     first = PROFILE_SKIP + PROFILE_WARMUP + 1
     return range(first, min(first + record_steps, num_steps + 1))
-
-
-def step_profiler(trace_dir: str, num_steps: int, record_steps: int = 3, cuda: bool = False):
-    """torch.profiler.profile over a sampling loop that calls its `step` after every denoising step
-    (generate's on_step): CPU activity, and CUDA with cuda=True, of the steps profiled_steps gives, written
-    by tensorboard_trace_handler to trace_dir as *.pt.trace.json when the last of them ends. A run that
-    ends inside the profiler's warm-up would write nothing, so the recorded count is cut to the run."""
-    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-    active = len(profiled_steps(num_steps, record_steps))
-    if active < 1:
-        raise ValueError(f"step_profiler: {num_steps} sampling steps leave none to record after "
-                         f"{PROFILE_SKIP} skipped and {PROFILE_WARMUP} warm-up; expected at least "
-                         f"{PROFILE_SKIP + PROFILE_WARMUP + 1}")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    return profile(activities=activities, record_shapes=True,
-                   schedule=schedule(skip_first=PROFILE_SKIP, wait=0, warmup=PROFILE_WARMUP, active=active, repeat=1),
-                   on_trace_ready=tensorboard_trace_handler(trace_dir))

@@ -73,21 +73,25 @@ class Tracker:
             self.writer.close()
 
 
-def step_profiler(first: int, last: int, out_dir: str, worker: str, start: int = 0):
-    """A torch.profiler that records steps first..last (1-based, counted from 1 at `start` + 1) on the CPU and,
-    when there is one, the GPU, written by TensorBoard's trace handler to out_dir (one *.pt.trace.json per worker).
+def step_profiler(first: int, last: int, out_dir: str, worker: Optional[str] = None, start: int = 0,
+                  warmup: int = 0, cuda: Optional[bool] = None):
+    """A torch.profiler recording steps first..last (1-based, counted from `start` + 1; call .step() after each)
+    on the CPU and, when there is one (or cuda=True), the GPU, written by TensorBoard's trace handler to out_dir
+    as one *.pt.trace.json per worker once `last` ends. `warmup` steps before `first` run under the profiler
+    unrecorded (its own start-up cost stays out of the trace).
 
-    Call .step() once per training step. Steps before `start` (a resumed run) are not recorded. Open the trace with
-    `tensorboard --logdir OUT_DIR` (profiler plugin) or in Perfetto / chrome://tracing. Returns a no-op context
-    when nothing is left to record.
+    Used by train.py (train.profile_steps) and sample.py (--profile). Steps before `start` (a resumed run) are
+    not recorded; with nothing left to record this is a no-op. Open the trace with `tensorboard --logdir OUT_DIR`
+    (profiler plugin) or in Perfetto / chrome://tracing.
     """
-    if last <= start:
+    if last <= start or last < first:
         return nullcontext(_NoProfiler())
+    begin = max(first - 1, start)  # steps already done when recording starts
+    warm = min(warmup, begin - start)
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() if cuda is None else cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    skip = max(first - 1 - start, 0)
-    schedule = torch.profiler.schedule(skip_first=skip, wait=0, warmup=0, active=last - max(first - 1, start),
+    schedule = torch.profiler.schedule(skip_first=begin - start - warm, wait=0, warmup=warm, active=last - begin,
                                        repeat=1)
     return torch.profiler.profile(activities=activities, schedule=schedule, record_shapes=True,
                                   on_trace_ready=torch.profiler.tensorboard_trace_handler(out_dir, worker_name=worker))
