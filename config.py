@@ -41,7 +41,6 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 WANDB_MODES = ("disabled", "offline", "online")
 NAN_POLICIES = ("stop", "skip")
 FLOPS_SCOPES = ("blocks", "model")  # DyDiT's FLOPs loss over the inner blocks | the whole DC-DiT forward
-VAE_DOWNSAMPLE = 8  # SD-VAE maps an image_size^2 picture to an (image_size // 8)^2 latent grid
 
 
 class ConfigError(ValueError):
@@ -96,8 +95,12 @@ class DiffusionConfig:
 class DataConfig:
     kind: str = "features"                # "features" (fast-DiT latent layout) | "digits" (bundled MNIST, pixel space)
     feature_path: str = "features"        # folder holding imagenet{image_size}_features/ and _labels/
-    image_size: int = 256                 # pixels; latents are image_size // 8
-    latent_scale: float = 0.18215         # SD-VAE scale, the one place it is defined
+    image_size: int = 256                 # pixels; latents are image_size // vae_downsample
+    # The autoencoder's latents (SD-VAE's by default); extract_features.py records them next to the features and
+    # training and sampling check these against that record (vae.latent_geometry).
+    vae_downsample: int = 8               # pixels per latent cell along a side
+    latent_scale: float = 0.18215         # latents = (z - latent_shift) * latent_scale: SD-VAE's, LDM's choice
+    latent_shift: float = 0.0
     vae: str = "ema"                      # "ema" | "mse" (stabilityai/sd-vae-ft-*)
     vae_path: str = ""                    # a local diffusers AutoencoderKL folder instead of the hub's SD-VAE
     num_workers: int = 4
@@ -525,14 +528,16 @@ def validate(cfg: Config) -> None:
 
     _require(data.kind in DATA_KINDS, "data.kind", f"one of {DATA_KINDS}", data.kind)
     _require(data.image_size >= 1, "data.image_size", "a positive pixel size", data.image_size)
+    _require(data.vae_downsample >= 1, "data.vae_downsample", "a positive factor", data.vae_downsample)
     if data.kind == "features":
-        _require(data.image_size % VAE_DOWNSAMPLE == 0, "data.image_size",
-                 f"a multiple of {VAE_DOWNSAMPLE} (the SD-VAE downsamples by {VAE_DOWNSAMPLE})", data.image_size)
-        # Latents of image_size pixels are image_size // 8 wide; a DC-DiT would otherwise run silently
-        # on a grid its position embeddings and dechunk sigma were not set for.
-        _require(m.input_size == data.image_size // VAE_DOWNSAMPLE, "model.input_size",
-                 f"data.image_size // {VAE_DOWNSAMPLE} = {data.image_size // VAE_DOWNSAMPLE} "
-                 f"(the latent grid of data.kind=features)", m.input_size)
+        f = data.vae_downsample
+        _require(data.image_size % f == 0, "data.image_size",
+                 f"a multiple of data.vae_downsample={f} (the autoencoder downsamples by {f})", data.image_size)
+        # Latents of image_size pixels are image_size // f wide; a DC-DiT would otherwise run silently on a grid its
+        # position embeddings and dechunk sigma were not set for.
+        _require(m.input_size == data.image_size // f, "model.input_size",
+                 f"data.image_size // data.vae_downsample = {data.image_size // f} (the latent grid of "
+                 f"data.kind=features)", m.input_size)
         _require(bool(data.feature_path), "data.feature_path", "a folder of extracted features", data.feature_path)
     _require(data.latent_scale > 0, "data.latent_scale", "> 0", data.latent_scale)
     _require(data.vae in VAES, "data.vae", f"one of {VAES}", data.vae)

@@ -10,12 +10,40 @@ Also here: ADM's center crop (the preprocessing of every ImageNet number we comp
 DiT's float -> uint8 conversion used when samples are written for FID.
 """
 import functools
+import json
 import os
+
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+LATENTS_RECORD = "latents.json"  # inside the features folder: what the latents are (extract_features.py writes it)
+
+
+def write_latents_record(features_dir: str, geometry: dict, autoencoder: str, image_size: int) -> None:
+    """Record which autoencoder made a features folder and its latents' geometry (vae.latent_geometry)."""
+    from fileio import atomic_write
+    os.makedirs(features_dir, exist_ok=True)
+    record = dict(geometry, autoencoder=autoencoder, image_size=image_size,
+                  latent_size=image_size // geometry["downsample"])
+    atomic_write(os.path.join(features_dir, LATENTS_RECORD), lambda f: f.write(json.dumps(record, indent=1).encode()))
+
+
+def read_latents_record(features_dir: str) -> Optional[dict]:
+    """The record of write_latents_record, or None for folders written before it existed (then the config's
+    SD-VAE values are trusted)."""
+    path = os.path.join(features_dir, LATENTS_RECORD)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read it as JSON ({e}); expected extract_features.py's record") from None
+
 
 def feature_dirs(image_size: int) -> tuple:
     """Folder names of the latents and labels of `image_size`-pixel images, as the authors' release
@@ -111,6 +139,7 @@ class FeatureDataset(Dataset):
             if shape not in ((1,), ()) or dtype.kind not in "iu":
                 raise DataError(f"{path}: shape {shape} dtype {dtype}; expected an integer label of shape (1,) or ()")
         self._shape = tuple(first_shape[-3:])
+        self.latents = read_latents_record(feature_dir)
 
         if expected_shape is not None and tuple(expected_shape) != self._shape:
             raise DataError(f"{feature_dir}: latents have shape {self._shape}; expected {tuple(expected_shape)} "
@@ -206,9 +235,19 @@ class DigitsDataset(Dataset):
 
 
 def build_dataset(data_cfg, expected_shape=None):
-    """The dataset named by `data_cfg.kind`; `expected_shape` (C, h, w) is what the model takes."""
+    """The dataset named by `data_cfg.kind`; `expected_shape` (C, h, w) is what the model takes. Features carry
+    a record of their autoencoder's latents, which the config must describe (one-line error otherwise)."""
     if data_cfg.kind == "features":
-        return FeatureDataset(data_cfg.feature_path, data_cfg.image_size, expected_shape=expected_shape)
+        dataset = FeatureDataset(data_cfg.feature_path, data_cfg.image_size, expected_shape=expected_shape)
+        if dataset.latents is not None:
+            from vae import VAEError, check_geometry
+            channels = expected_shape[0] if expected_shape is not None else dataset.latents["latent_channels"]
+            where = os.path.join(data_cfg.feature_path, feature_dirs(data_cfg.image_size)[0], LATENTS_RECORD)
+            try:
+                check_geometry(dataset.latents, data_cfg, channels, f"{where}, by {dataset.latents['autoencoder']}")
+            except VAEError as e:
+                raise DataError(str(e)) from None
+        return dataset
     if data_cfg.kind == "digits":
         size = expected_shape[-1] if expected_shape is not None and expected_shape[-1] in DIGITS_SIZES else DIGITS_SIZE
         dataset = DigitsDataset(size=size)

@@ -1,10 +1,14 @@
-"""Encode an ImageFolder into SD-VAE latents in Fast-DiT's layout, once, so training never runs the VAE.
+"""Encode an ImageFolder into autoencoder latents in Fast-DiT's layout, once, so training never runs the VAE.
 
     torchrun --nnodes=1 --nproc_per_node=8 extract_features.py \
         --data-path /path/to/imagenet/train --features-path /path/to/store/features
+    python extract_features.py --data-path data/digits64 --features-path features --image-size 64 \
+        --vae-path autoencoders/digits64                  # any diffusers AutoencoderKL
 
-Writes features_path/imagenet{image_size}_features/{i}.npy, (1, 4, h, w) float32 = VAE posterior sample x
-latent_scale, and features_path/imagenet{image_size}_labels/{i}.npy, (1,) int64, where i is the image's index
+Writes features_path/imagenet{image_size}_features/{i}.npy, (1, C, h, w) float32 = (posterior sample - shift)
+x scale, with C, the downsampling h = image_size / f, the scale and the shift read from the autoencoder's config
+and recorded in imagenet{image_size}_features/latents.json (training and sampling check their config against
+it), and features_path/imagenet{image_size}_labels/{i}.npy, (1,) int64, where i is the image's index
 in the ImageFolder (2i and 2i + 1 for the original and its mirror with --flip both). Names and values
 depend only on the image, its index and --seed -- not on the number of processes or the batch size -- so
 a run can be resumed (finished files are skipped) or split across machines and give the same folder.
@@ -22,10 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from data import DataError, center_crop_arr, feature_dirs
+from data import DataError, center_crop_arr, feature_dirs, write_latents_record
 from distributed import barrier, setup_distributed, teardown_distributed
 from fileio import atomic_write
-from vae import load_vae
+from vae import encode_latents, latent_geometry, load_vae
 
 NOISE_STREAM = 0  # seed streams, so the flip coin and the posterior noise of an image are independent
 FLIP_STREAM = 1
@@ -43,12 +47,6 @@ def image_seed(seed, index, stream=NOISE_STREAM):
 def output_indices(index, flip):
     """File indices written for dataset image `index`: i, or 2i (original) and 2i + 1 (mirror)."""
     return [2 * index, 2 * index + 1] if flip == "both" else [index]
-
-
-def latent_scale():
-    """The SD-VAE scale, defined once in config.DataConfig."""
-    from config import DataConfig
-    return DataConfig().latent_scale
 
 
 class ExtractionImages(Dataset):
@@ -105,7 +103,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-path", required=True, help="ImageFolder root: data_path/<class>/<image>")
     parser.add_argument("--features-path", required=True, help="output root (imagenet{size}_features/, _labels/)")
-    parser.add_argument("--image-size", type=int, default=256, help="pixels; latents are image_size // 8")
+    parser.add_argument("--image-size", type=int, default=256,
+                        help="pixels; latents are image_size // the autoencoder's downsampling factor")
     parser.add_argument("--vae", choices=["ema", "mse"], default="ema", help="stabilityai/sd-vae-ft-{vae}")
     parser.add_argument("--vae-path", default=None, help="local diffusers AutoencoderKL folder (overrides --vae)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per process per step")
@@ -116,8 +115,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.image_size <= 0 or args.image_size % 8:
-        parser.error(f"--image-size {args.image_size}: expected a positive multiple of 8 (the VAE downsamples by 8)")
+    if args.image_size <= 0:
+        parser.error(f"--image-size {args.image_size}: expected a positive number of pixels")
     if args.batch_size <= 0:
         parser.error(f"--batch-size {args.batch_size}: expected a positive integer")
     if args.seed < 0:
@@ -130,7 +129,6 @@ def parse_args(argv=None):
 @torch.inference_mode()
 def main(argv=None):
     args = parse_args(argv)
-    scale = latent_scale()
     # Check the inputs before joining the process group, so a bad path fails fast on every rank.
     images = ExtractionImages(args.data_path, args.image_size, args.flip, args.seed)
     if args.vae_path is not None and not os.path.isdir(args.vae_path):
@@ -138,10 +136,18 @@ def main(argv=None):
     rank, world_size, device = setup_distributed(args.device)
     try:
         vae = load_vae(args.vae, args.vae_path or "", device)  # the shared loader (hub or local folder)
-        latent = args.image_size // 8
-        feature_shape = (1, vae.config.latent_channels, latent, latent)
+        geometry = latent_geometry(vae)  # channels, downsampling, scale and shift from the autoencoder's config
+        f, scale, shift = geometry["downsample"], geometry["scaling_factor"], geometry["shift_factor"]
+        if args.image_size % f:
+            raise DataError(f"--image-size {args.image_size}: expected a multiple of the autoencoder's "
+                            f"downsampling factor {f}")
+        latent = args.image_size // f
+        feature_shape = (1, geometry["latent_channels"], latent, latent)
         features_dir, labels_dir = (os.path.join(args.features_path, name) for name in feature_dirs(args.image_size))
-        os.makedirs(features_dir, exist_ok=True)
+        if rank == 0:
+            write_latents_record(features_dir, geometry, args.vae_path or f"stabilityai/sd-vae-ft-{args.vae}",
+                                 args.image_size)
+        barrier()
         os.makedirs(labels_dir, exist_ok=True)
 
         # Strided shards, as DistributedSampler without shuffling but with no padded repeats at the tail:
@@ -161,12 +167,12 @@ def main(argv=None):
             labels = y.repeat_interleave(copies)  # (B*K,)
             # One CPU generator per output file: the noise is the same on any device, batch or world size.
             generators = [torch.Generator().manual_seed(image_seed(args.seed, j)) for j in out]
-            z = vae.encode(x).latent_dist.sample(generator=generators) * scale  # (B*K, 4, h, w)
+            z = encode_latents(vae, x, scale, shift, generator=generators)  # (B*K, C, h, w)
             z = z.float().cpu().numpy()
             for j, zj, yj in zip(out, z, labels.tolist()):
                 # Atomic: a killed run leaves each .npy whole or absent, never half written.
                 atomic_write(os.path.join(labels_dir, f"{j}.npy"), partial(np.save, arr=np.array([yj], dtype=np.int64)))
-                atomic_write(os.path.join(features_dir, f"{j}.npy"), partial(np.save, arr=zj[None]))  # (1, 4, h, w)
+                atomic_write(os.path.join(features_dir, f"{j}.npy"), partial(np.save, arr=zj[None]))  # (1, C, h, w)
         barrier()
         if rank == 0:
             print(f"done: {len(images) * len(output_indices(0, args.flip))} latents in {args.features_path}")

@@ -118,7 +118,7 @@ def run_settings(cfg, args) -> dict:
     return {"ckpt": os.path.abspath(args.ckpt), "use_ema": not args.no_ema, "model": resolved["model"],
             "diffusion": resolved["diffusion"], "data_kind": cfg.data.kind, "vae": cfg.data.vae,
             "vae_path": cfg.data.vae_path,
-            "latent_scale": cfg.data.latent_scale, "sample": sample}
+            "latent_scale": cfg.data.latent_scale, "latent_shift": cfg.data.latent_shift, "sample": sample}
 
 
 def check_settings(out_dir: str, settings: dict) -> str:

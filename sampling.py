@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from config import VAE_DOWNSAMPLE, format_config, load_config, validate
+from config import format_config, load_config, validate
 from data import to_uint8_images
 from diffusion import create_diffusion
 from models import create_model, is_dcdit, load_checkpoint
@@ -194,19 +194,19 @@ def generate(model, cfg, labels: torch.Tensor, seed: int = 0, device="cpu", indi
 
 
 def image_size(cfg) -> int:
-    """Side of the output images: the latent grid times the SD-VAE's 8 for features, else the model grid."""
-    return cfg.model.input_size * (VAE_DOWNSAMPLE if cfg.data.kind == "features" else 1)
+    """Side of the output images: the latent grid times the autoencoder's downsampling for features, else the
+    model grid."""
+    return cfg.model.input_size * (cfg.data.vae_downsample if cfg.data.kind == "features" else 1)
 
 
 def to_pixels(x: torch.Tensor, cfg, vae=None, device="cpu") -> torch.Tensor:
-    """Model space -> images in [-1, 1]: identity for pixel-space data, SD-VAE decode for latents."""
+    """Model space -> images in [-1, 1]: identity for pixel-space data, the autoencoder's decode for latents."""
     if cfg.data.kind != "features":
         return x
     if vae is None:
-        from vae import load_vae
-        vae = load_vae(cfg.data.vae, cfg.data.vae_path, device)
+        vae = load_vae_if_latent(cfg, device)
     from vae import decode_latents
-    return decode_latents(vae, x.to(device), cfg.data.latent_scale)
+    return decode_latents(vae, x.to(device), cfg.data.latent_scale, cfg.data.latent_shift)
 
 
 GRID_GUTTER = 2      # black pixels between and around the images of a grid
@@ -364,11 +364,15 @@ def kept_by_branch(records: list, n: int, use_cfg: bool) -> dict:
 
 
 def load_vae_if_latent(cfg, device):
-    """The autoencoder of data.vae / data.vae_path for data.kind=features (latents need decoding), else None."""
+    """The autoencoder of data.vae / data.vae_path for data.kind=features (latents need decoding), else None;
+    checked to be the one whose latents the config describes (channels, downsampling, scale, shift)."""
     if cfg.data.kind != "features":
         return None
-    from vae import load_vae
-    return load_vae(cfg.data.vae, cfg.data.vae_path, device)
+    from vae import check_geometry, latent_geometry, load_vae
+    vae = load_vae(cfg.data.vae, cfg.data.vae_path, device)
+    check_geometry(latent_geometry(vae), cfg.data, cfg.model.in_channels,
+                   cfg.data.vae_path or f"stabilityai/sd-vae-ft-{cfg.data.vae}")
+    return vae
 
 
 def _spread(x: np.ndarray) -> dict:

@@ -1,5 +1,12 @@
-"""The SD-VAE that maps images to the latents DiT and DC-DiT are trained on (Fast-DiT layout)."""
+"""The autoencoder that maps images to the latents DiT and DC-DiT are trained on (Fast-DiT layout).
+
+The paper's is SD-VAE (stabilityai/sd-vae-ft-ema: 4 channels, downsampling 8, scale 0.18215), but any diffusers
+AutoencoderKL works: its latent channels, downsampling factor, scaling factor and shift are read from its own
+config (`latent_geometry`), recorded next to extracted features (data.py reads them back) and checked against
+the run's config, so a mismatch is a one-line error rather than a silently wrong decode.
+"""
 import os
+from typing import Optional
 
 import torch
 
@@ -29,7 +36,35 @@ def load_vae(vae: str = "ema", vae_path: str = "", device="cpu"):
     return model.to(device).eval().requires_grad_(False)
 
 
+def latent_geometry(vae) -> dict:
+    """What a diffusers AutoencoderKL's config says about its latents: channels, downsampling factor (two per
+    resolution below the first), and the scaling factor and shift that map them to unit variance
+    (latents = (z - shift) * scale)."""
+    c = vae.config
+    return {"latent_channels": int(c.latent_channels), "downsample": 2 ** (len(c.block_out_channels) - 1),
+            "scaling_factor": float(c.scaling_factor), "shift_factor": float(getattr(c, "shift_factor", None) or 0.0)}
+
+
+def check_geometry(geometry: dict, data_cfg, in_channels: int, source: str) -> None:
+    """The run's config must describe the autoencoder's latents: model.in_channels, data.vae_downsample,
+    data.latent_scale and data.latent_shift; the first mismatch is a one-line error naming the key."""
+    for key, want, have in (("model.in_channels", geometry["latent_channels"], in_channels),
+                            ("data.vae_downsample", geometry["downsample"], data_cfg.vae_downsample),
+                            ("data.latent_scale", geometry["scaling_factor"], data_cfg.latent_scale),
+                            ("data.latent_shift", geometry["shift_factor"], data_cfg.latent_shift)):
+        if abs(float(want) - float(have)) > 1e-6 * max(1.0, abs(float(want))):
+            raise VAEError(f"{key}={have} does not match the autoencoder's latents ({source}: {want}); "
+                           f"set {key}={want}")
+
+
 @torch.no_grad()
-def decode_latents(vae, z: torch.Tensor, latent_scale: float) -> torch.Tensor:
-    """(B, 4, h, w) scaled latents -> (B, 3, 8h, 8w) images in about [-1, 1]."""
-    return vae.decode(z / latent_scale).sample
+def encode_latents(vae, x: torch.Tensor, scale: float, shift: float = 0.0,
+                   generator: Optional[list] = None) -> torch.Tensor:
+    """(B, 3, H, W) images in [-1, 1] -> (B, C, H/f, W/f) latents, a posterior sample mapped to unit variance."""
+    return (vae.encode(x).latent_dist.sample(generator=generator) - shift) * scale
+
+
+@torch.no_grad()
+def decode_latents(vae, z: torch.Tensor, latent_scale: float, latent_shift: float = 0.0) -> torch.Tensor:
+    """(B, C, h, w) latents as the model sees them -> (B, 3, f h, f w) images in about [-1, 1]."""
+    return vae.decode(z / latent_scale + latent_shift).sample

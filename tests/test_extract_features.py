@@ -1,4 +1,5 @@
 """extract_features.py end to end on CPU with a tiny random AutoencoderKL: files, values, torchrun, flips, resume."""
+import json
 import os
 import shutil
 import socket
@@ -76,7 +77,8 @@ def run_in_process(workspace, out, capsys, *extra):
 
 
 def load_dir(out):
-    feats = {int(n[:-4]): np.load(os.path.join(out, FEATURES_DIR, n)) for n in os.listdir(out / FEATURES_DIR)}
+    feats = {int(n[:-4]): np.load(os.path.join(out, FEATURES_DIR, n)) for n in os.listdir(out / FEATURES_DIR)
+             if n.endswith(".npy")}
     labels = {int(n[:-4]): np.load(os.path.join(out, LABELS_DIR, n)) for n in os.listdir(out / LABELS_DIR)}
     return feats, labels
 
@@ -92,7 +94,7 @@ def direct_encode(workspace, index, out_index, flip=False):
     x = transforms.Normalize([0.5] * 3, [0.5] * 3)(transforms.ToTensor()(image))[None]  # (1, 3, 64, 64)
     gen = torch.Generator().manual_seed(extract_features.image_seed(SEED, out_index))
     with torch.no_grad():
-        z = vae.encode(x).latent_dist.sample(generator=gen) * extract_features.latent_scale()  # (1, 4, 8, 8)
+        z = vae.encode(x).latent_dist.sample(generator=gen) * vae.config.scaling_factor  # (1, 4, 8, 8)
     return z.numpy()
 
 
@@ -198,3 +200,45 @@ def test_random_flip_is_the_default():
     """As Fast-DiT and the authors' release extract features: a seeded coin per image."""
     assert extract_features.parse_args(["--data-path", "x", "--features-path", "y"]).flip == "random"
 
+
+
+def test_any_autoencoder_geometry_is_recorded_and_checked(workspace, tmp_path, capsys):
+    """An AutoencoderKL with 3 latent channels, downsampling 4, scale 0.5 and shift 0.1: extract_features.py reads
+    all four from its config, writes (z - shift) * scale and records them; training with a config that says
+    otherwise is a one-line error naming the key; with the matching config the model trains and samples decode
+    to image_size pixels."""
+    from diffusers.models import AutoencoderKL
+
+    from conftest import only_run, run_script
+    torch.manual_seed(1)
+    ae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                       up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
+                       latent_channels=3, norm_num_groups=8, sample_size=32, scaling_factor=0.5, shift_factor=0.1)
+    ae.save_pretrained(tmp_path / "ae")
+    out = tmp_path / "features"
+    assert extract_features.cli(["--data-path", workspace["images"], "--features-path", str(out), "--vae-path",
+                                 str(tmp_path / "ae"), "--image-size", "32", "--device", "cpu", "--num-workers", "0",
+                                 "--flip", "none", "--seed", str(SEED)]) == 0
+    record = json.loads((out / "imagenet32_features" / "latents.json").read_text())
+    assert (record["latent_channels"], record["downsample"], record["scaling_factor"], record["shift_factor"],
+            record["latent_size"]) == (3, 4, 0.5, 0.1, 8)
+    x = transforms.Normalize([0.5] * 3, [0.5] * 3)(transforms.ToTensor()(
+        center_crop_arr(Image.open(workspace["paths"][0]).convert("RGB"), 32)))[None]
+    gen = torch.Generator().manual_seed(extract_features.image_seed(SEED, 0))
+    with torch.no_grad():
+        want = (ae.eval().encode(x).latent_dist.sample(generator=gen) - 0.1) * 0.5         # (1, 3, 8, 8)
+    assert np.allclose(np.load(out / "imagenet32_features" / "0.npy"), want.numpy(), atol=1e-5)
+
+    common = ["train.py", "--config", "configs/tiny/test-dcdit.yaml", f"data.feature_path={out}",
+              "data.image_size=32", "data.vae_downsample=4", "model.in_channels=3", "train.max_steps=1",
+              "train.global_batch_size=4", f"data.vae_path={tmp_path / 'ae'}", "sample.guide_channels=0"]
+    bad = run_script([*common, f"train.results_dir={tmp_path / 'bad'}"], check=False)
+    assert bad.returncode == 2 and "data.latent_scale=0.18215 does not match" in bad.stderr and "set data.latent_scale=0.5" \
+        in bad.stderr, bad.stderr[-1500:]
+    run_script([*common, "data.latent_scale=0.5", "data.latent_shift=0.1", "train.ckpt_every=1",
+                f"train.results_dir={tmp_path / 'good'}"])
+    ckpt = os.path.join(only_run(tmp_path / "good"), "checkpoints", "0000001.pt")
+    import sample_ddp
+    sample_ddp.main(["--ckpt", ckpt, "--output-dir", str(tmp_path / "s"), "--num-fid-samples", "2",
+                     "--num-sampling-steps", "2", "--device", "cpu"])
+    assert np.load(f"{tmp_path / 's'}.npz")["arr_0"].shape == (2, 32, 32, 3)  # 8 x 8 latents x 4
