@@ -172,7 +172,9 @@ class _Reads(dict):
 
 
 def _carries_grad(v) -> bool:
-    tensors = [v] if torch.is_tensor(v) else [getattr(v, f) for f in vars(v)] if hasattr(v, "__dataclass_fields__") else []
+    if torch.is_tensor(v):
+        return v.requires_grad
+    tensors = [getattr(v, f) for f in vars(v)] if hasattr(v, "__dataclass_fields__") else []
     return any(torch.is_tensor(x) and x.requires_grad for x in tensors)
 
 
@@ -220,7 +222,8 @@ def test_targets_per_device(tiny_run):
     """A CUDA run is judged by the GPU targets: step time vs FLOPs, tail drop, packed time per FLOP, overhead,
     and images/s and peak memory reported; the CPU-only targets give no verdict there."""
     res = tiny_run[0]["results"]["tiny"]["2"]
-    cuda = SimpleNamespace(judged_as="cuda", contenders={k: SimpleNamespace(label=k) for k in ("dcdit", "iso", "public")})
+    labels = {k: SimpleNamespace(label=k) for k in ("dcdit", "iso", "public")}
+    cuda = SimpleNamespace(judged_as="cuda", contenders=labels)
     memory = dict(res["memory"], method="torch.cuda.max_memory_allocated ...")
     rows = [r for name in ("train", "sample", "shares", "packed") for r in bench.ROW_FNS[name](cuda, res[name])]
     rows += bench.memory_rows(cuda, memory)

@@ -645,12 +645,15 @@ def memory_section(suite: Suite, batch: Batch, args) -> dict:
               "peak RSS (VmHWM) of a fresh process after the step, minus its RSS before the step")
     jobs = {k: dict(spec=dataclasses.asdict(c.spec), batch=B, kept=suite.kept, device=str(suite.device))
             for k, c in suite.contenders.items()}
-    # Tiny children are small: run them side by side. Real sizes one at a time (host or GPU memory).
-    groups = [list(jobs)] if suite.size == "tiny" else [[k] for k in jobs]
+    # Tiny children are small: run them side by side, one thread each so together they do not oversubscribe
+    # the cores (spinning thread pools then slow everything down). Real sizes one at a time (host or GPU memory).
+    side_by_side = suite.size == "tiny"
+    groups = [list(jobs)] if side_by_side else [[k] for k in jobs]
+    env = dict(os.environ, OMP_NUM_THREADS="1") if side_by_side else None
     out = dict(method=method)
     for group in groups:
         procs = {k: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(jobs[k])],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
                  for k in group}
         for k, proc in procs.items():
             out[k] = read_memory_child(k, proc)
