@@ -194,6 +194,11 @@ _CHILD_COMPONENT = {"t_embedder": "condition", "y_embedder": "condition", "encod
                     "inner_norm": "inner_norm", "dechunker": "dechunk", "residual_proj": "residual",
                     "decoder": "decoder", "final_layer": "final_layer", "x_embedder": "patchify"}
 _BLOCK_COMPONENT = {"attn": "attention", "mlp": "mlp", "adaLN_modulation": "modulation"}
+# The DCDiT stage method (models/dc_dit.py) that runs each DC-DiT component, so FLOPs can sit beside the time
+# each stage takes (tools/bench.py's shares section).
+DCDIT_STAGE_OF = {"condition": "condition", "encoder": "encode", "router": "route", "chunk": "chunk",
+                  "attention": "process", "mlp": "process", "modulation": "process", "inner_norm": "process",
+                  "dechunk": "dechunk", "residual": "decode", "decoder": "decode", "final_layer": "decode"}
 
 
 def _components(root: str, total: int, counts: dict) -> dict:
@@ -290,6 +295,16 @@ def component_flops(model: nn.Module, kept: Optional[int] = None) -> dict:
     if isinstance(model, DiT):
         return _count_forward(model, by_component=True)
     raise TypeError(f"component_flops: expected a DiT or a DCDiT, got {type(model).__name__}")
+
+
+def stage_flops(components: dict) -> dict:
+    """A DC-DiT's component_flops summed by the stage method that runs each part: {stage: FLOPs}, in the
+    order DCDiT.forward calls the stages."""
+    out: dict = {}
+    for name in DCDIT_COMPONENTS:
+        stage = DCDIT_STAGE_OF[name]
+        out[stage] = out.get(stage, 0) + components[name]
+    return out
 
 
 def _fit_quadratic(points: Sequence[Tuple[int, int]]) -> Tuple[int, int, int]:

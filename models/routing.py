@@ -14,7 +14,7 @@ otherwise round across the threshold and change which tokens the inner network s
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -65,29 +65,40 @@ class KeepExactly(nn.Module):
     """Runs a router, then keeps exactly `kept` tokens per sample: the highest-p ones.
 
     For measuring cost at a chosen M (FLOP counting, benchmarks): the real router's work, and in training
-    its gradient path through `selected`, stays in the step; only the decision is overridden. Ties in p go
-    to topk's order; the first and last raster tokens carry p = 1, so they are kept whenever M >= 2.
+    its gradient path through `selected`, stays in the step; only the decision is overridden. `kept` is one
+    M for every sample, or B counts (a list or a (B,) tensor), sample b keeping its top kept[b], so a
+    benchmark can give a batch any spread of kept counts. Ties in p go to topk's order; the first and last
+    raster tokens carry p = 1, so they are kept whenever M >= 2.
     """
 
-    def __init__(self, router: nn.Module, kept: int):
+    def __init__(self, router: nn.Module, kept: Union[int, Sequence[int], Tensor]):
         super().__init__()
         self.router = router
-        self.kept = int(kept)
+        per_sample = isinstance(kept, (list, tuple)) or (isinstance(kept, Tensor) and kept.dim() == 1)
+        # Counts live on the host: they are checked against L once per call without a device sync.
+        self.kept: Union[int, List[int]] = [int(m) for m in kept] if per_sample else int(kept)
 
     def forward(self, x: Tensor, grid: Tuple[int, int]) -> RouterOutput:
         r = self.router(x, grid)
         B, L = r.prob.shape
-        if not 1 <= self.kept <= L:
-            raise ValueError(f"kept tokens M must lie in [1, L={L}], got {self.kept}")
-        top = r.prob.detach().topk(self.kept, dim=1).indices  # (B, M)
-        mask = torch.zeros_like(r.mask).scatter(1, top, True)  # (B, L)
+        counts = [self.kept] if isinstance(self.kept, int) else self.kept
+        if not all(1 <= m <= L for m in counts) or (isinstance(self.kept, list) and len(counts) != B):
+            raise ValueError(f"kept tokens M must be one count or {B} counts, each in [1, L={L}], got {self.kept}")
+        k = max(counts)
+        top = r.prob.detach().topk(k, dim=1).indices  # (B, k), highest p first
+        keep: Union[bool, Tensor] = True
+        if isinstance(self.kept, list):  # sample b keeps the first kept[b] of its top k
+            rank = torch.arange(k, device=top.device)  # (k,)
+            keep = rank < torch.tensor(counts, device=top.device).unsqueeze(1)  # (B, k)
+        mask = torch.zeros_like(r.mask).scatter(1, top, keep)  # (B, L)
         selected = torch.where(mask, r.prob, 1.0 - r.prob)  # (B, L)
         return RouterOutput(prob=r.prob, mask=mask, natural_mask=mask, selected=selected)
 
 
 @contextmanager
-def keep_exactly(model: nn.Module, kept: int, packed: Optional[bool] = None):
-    """Temporarily route exactly `kept` tokens per sample in a DC-DiT (and optionally switch its token layout)."""
+def keep_exactly(model: nn.Module, kept: Union[int, Sequence[int], Tensor], packed: Optional[bool] = None):
+    """Temporarily route exactly `kept` tokens per sample in a DC-DiT (one count, or one per sample: see
+    KeepExactly), and optionally switch its token layout."""
     router, layout = model.router, model.packed
     model.router = KeepExactly(router, kept)
     if packed is not None:

@@ -1,5 +1,6 @@
-"""tools/bench.py: one tiny run of every default section, the per-sample kept-count router, the
-FLOP-matched depth picker, and the stage decomposition the time shares are measured on."""
+"""tools/bench.py: one tiny run of every default section (each section's JSON keys and what it must show), the
+stage methods the time shares are measured on, the targets per device, a trained checkpoint in the elastic and
+dydit sections, and the helpers (FLOP-matched depth, release comparison, compile error report, memory child)."""
 import contextlib
 import io
 import json
@@ -8,37 +9,41 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn as nn
 
-from models.routing import RouterOutput
+from config import config_to_dict, load_config
+from conftest import json_numbers, trained_tiny_dcdit
+from models.routing import keep_exactly
 from tools import bench
-from conftest import json_numbers
-from models.routing import keep_exactly as forced_kept
+
+DEFAULT_CPU_SECTIONS = {"train", "sample", "shares", "packed", "memory", "elastic", "lite_cfg", "dydit"}
 
 
+def run_bench(path, *argv):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        bench.main(["--tiny", "--repeats", "1", "--warmup", "0", "--batch", "2", "--json", str(path), *argv])
+    with open(path) as f:
+        return json.load(f), stdout.getvalue()
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bench") / "bench.json"
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        bench.main(["--tiny", "--repeats", "1", "--warmup", "0", "--batch", "2", "--json", str(path)])
-    with open(path) as f:
-        return json.load(f), stdout.getvalue()
+    return run_bench(tmp_path_factory.mktemp("bench") / "bench.json")
 
 
 def test_tiny_run_measures_every_default_section(tiny_run):
     run, stdout = tiny_run
     res = run["results"]["tiny"]["2"]
-    assert set(res) == {"train", "sample", "shares", "packed", "memory"}  # compile only with --compile on CPU
+    assert set(res) == DEFAULT_CPU_SECTIONS  # compile only with --compile on CPU
+    assert set(bench.SECTIONS) == DEFAULT_CPU_SECTIONS | {"compile"}
     bad = [(p, v) for p, v in json_numbers(run) if not math.isfinite(v)]
     assert not bad, bad
 
     train = res["train"]
     for key in ("dcdit", "iso", "public"):
         assert train["images_per_s"][key] > 0 and train["gflops"][key] > 0
-    for key in ("dcdit_over_iso_images_per_s", "fwd_bwd_time_ratio", "fwd_bwd_flops_ratio", "time_over_flops_ratio"):
+    for key in ("dcdit_over_iso_images_per_s", "fwd_bwd_time_ratio", "fwd_bwd_flops_ratio", "time_over_flops_ratio",
+                "train_time_ratio", "train_time_over_flops_ratio"):
         assert train[key] > 0, key
     assert train["release"]["available"] is False  # the release was measured at B on CPU only
 
@@ -48,16 +53,12 @@ def test_tiny_run_measures_every_default_section(tiny_run):
         assert s["mean_kept"] == 64 - math.floor(f * 64)
         assert s["flops_speedup"] >= 1.0 and s["measured_speedup"] > 0 and s["efficiency"] > 0
 
-    shares = res["shares"]
-    assert set(shares["shares"]) == set(bench.PIECES) | {"other"}
-    assert all(shares["shares"][k] > 0 for k in bench.PIECES)
-    assert shares["overhead_share"] == pytest.approx(sum(shares["shares"][k] for k in bench.OVERHEAD))
-
     packed = res["packed"]
     assert sum(packed["counts"]["equal"]) == sum(packed["counts"]["varied"])
     assert len(set(packed["counts"]["varied"])) == 2
     for layout in ("packed", "padded"):
-        assert packed[layout]["time_ratio"] > 0
+        p = packed[layout]
+        assert p["time_ratio"] > 0 and p["time_per_flop_ratio"] == pytest.approx(p["time_ratio"] / p["flops_ratio"])
     assert packed["padded"]["flops_ratio"] > packed["packed"]["flops_ratio"] > 1.0  # padding costs FLOPs
 
     memory = res["memory"]
@@ -72,45 +73,60 @@ def test_tiny_run_measures_every_default_section(tiny_run):
     assert header > max(i for i, line in enumerate(lines) if " 1/1: " in line)
     assert len(lines) - header - 2 == len(run["table"])  # rows, then the "wrote PATH" line
     measures = [row["measure"] for row in run["table"]]
-    assert any("time ratio / FLOPs ratio" in m for m in measures)
-    assert any("router + chunk + dechunk" in m for m in measures)
+    assert any("fwd+bwd time ratio / FLOPs ratio" in m for m in measures)
+    assert any("route + chunk + dechunk" in m for m in measures)
     assert any(m.endswith("ours / release time per step") for m in measures)
+    # Every judged row is in the JSON's targets with its number, judged by the CPU targets.
+    assert run["meta"]["targets"] == "cpu"
+    judged = {t["key"] for t in run["targets"]}
+    assert judged == {"iso_images_per_s", "fwd_bwd_time_over_flops", "sample_efficiency", "overhead_share",
+                      "packed_time_ratio", "padded_time_ratio"}
+    for t in run["targets"]:
+        assert t["verdict"] == ("PASS" if bench.TARGETS["cpu"][t["key"]][1](t["number"]) else "FAIL")
     assert run["models"]["tiny"]["iso"]["spec"]["depth"] == bench.flop_matched_depth(
         run["models"]["tiny"]["dcdit"]["gflops"] * 1e9,
         lambda d: bench.dit_flops_at_depth(bench.model_specs("tiny")[1], d))
 
 
-class FixedProbRouter(nn.Module):
-    """A router stub returning the given p, whatever the input."""
-
-    def __init__(self, prob):
-        super().__init__()
-        self.prob = prob
-
-    def forward(self, x, grid):
-        mask = self.prob > 0.5
-        selected = torch.where(mask, self.prob, 1 - self.prob)
-        return RouterOutput(prob=self.prob, mask=mask, natural_mask=mask, selected=selected)
-
-
-def test_per_sample_router_keeps_exact_counts_top_p_first():
-    prob = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.7, 0.3],
-                         [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
-                         [0.5, 0.5, 0.5, 0.5, 0.5, 0.5]])
-    r = bench.PerSampleCountRouter(FixedProbRouter(prob), [3, 1, 4])(torch.zeros(3, 6, 2), (2, 3))
-    assert r.mask.sum(1).tolist() == [3, 1, 4]
-    assert r.mask[0].tolist() == [True, False, True, False, True, False]   # the three highest p
-    assert r.mask[1].tolist() == [False] * 5 + [True]
-    assert r.mask[2].tolist() == [True] * 4 + [False] * 2                  # ties: lower raster index first
-    assert torch.equal(r.natural_mask, r.mask)
-    assert torch.equal(r.selected, torch.where(r.mask, prob, 1 - prob))
+def test_shares_cover_every_stage_with_its_flops(tiny_run):
+    shares = tiny_run[0]["results"]["tiny"]["2"]["shares"]
+    stages = [s.name for s in bench.STAGES]
+    assert list(shares["shares"]) == stages + ["other"]
+    assert all(shares["shares"][k] > 0 for k in stages)
+    assert shares["overhead_share"] == pytest.approx(sum(shares["shares"][k] for k in bench.OVERHEAD))
+    # FLOPs by stage come from models/flops.py at the bench's M and add up to the forward's.
+    dc_meta = bench.build(bench.model_specs("tiny")[0], "meta")
+    assert list(shares["gflops"]) == stages
+    assert sum(shares["gflops"].values()) * 1e9 == pytest.approx(bench.forward_flops(dc_meta, 64), rel=1e-12)
+    assert shares["gflops"]["chunk"] == 0 and shares["gflops"]["process"] > shares["gflops"]["route"] > 0
+    assert sum(shares["flops_shares"].values()) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("counts", [[3, 1], [0, 1, 1], [7, 1, 1]])
-def test_per_sample_router_rejects_bad_counts(counts):
-    router = bench.PerSampleCountRouter(FixedProbRouter(torch.full((3, 6), 0.5)), counts)
-    with pytest.raises(ValueError, match="counts must be 3 kept counts"):
-        router(torch.zeros(3, 6, 2), (2, 3))
+def test_elastic_lite_cfg_and_dydit_sections(tiny_run):
+    res = tiny_run[0]["results"]["tiny"]["2"]
+    elastic = res["elastic"]
+    assert "top 64 = L/N" in elastic["routing"]
+    speedups = []
+    for f in bench.ELASTIC_FRACTIONS:  # measured speed-up next to the FLOPs of what was kept, per f
+        s = elastic[f"f={f:g}"]
+        assert s["mean_kept"] == 64 - math.floor(f * 64) and s["gflops"] > 0 and s["measured_speedup"] > 0
+        assert s["efficiency"] == pytest.approx(s["measured_speedup"] / s["flops_speedup"])
+        speedups.append(s["flops_speedup"])
+    assert speedups[0] == 1.0 and speedups == sorted(speedups) and len(set(speedups)) == len(speedups)
+
+    lite = res["lite_cfg"]  # the unconditional half runs fewer tokens, in the same batch, and costs less
+    assert lite["plain"]["kept_cond"] == lite["plain"]["kept_uncond"] == lite["lite"]["kept_cond"] == 64
+    assert lite["lite"]["kept_uncond"] == 64 - math.floor(0.9 * 64)
+    assert lite["lite"]["gflops"] < lite["plain"]["gflops"] and lite["flops_ratio"] < 1 and lite["time_ratio"] > 0
+
+    rows = res["dydit"]["rows"]  # FLOPs ratio over the DC-DiT row, as run: sliced saves, masked does not
+    assert list(rows) == ["DC-DiT (no gates)", "all gates on", "width", "tokens", "width, masked"]
+    assert rows["DC-DiT (no gates)"]["flops_ratio"] == 1.0 and rows["DC-DiT (no gates)"]["mode"] == "static"
+    assert 1.0 < rows["all gates on"]["flops_ratio"] < 1.01  # the routers' own FLOPs
+    assert rows["width"]["flops_ratio"] < 0.95 and rows["width, masked"]["flops_ratio"] >= 1.0
+    assert rows["width"]["heads"] == res["dydit"]["width_kept"] / res["dydit"]["heads"] < 1
+    assert rows["tokens"]["tokens"] < 0.9 and rows["tokens"]["flops_ratio"] < 1.0  # tokens skipped the MLP
+    assert all(r["time_ratio"] > 0 and r["blocks_ratio"] > 0 for r in rows.values())
 
 
 def tiny_dcdit():
@@ -118,16 +134,149 @@ def tiny_dcdit():
     return bench.build(bench.model_specs("tiny")[0], "cpu").eval()
 
 
-def test_forced_counts_reach_the_inner_blocks_and_restore_the_model():
+@pytest.mark.parametrize("packed", [True, False])
+def test_stages_are_the_model_forward(packed):
+    """The shares section times STAGES, so they must be DCDiT.forward's own calls, in its order, and produce
+    exactly its output (per-sample and equal kept counts)."""
     dc = tiny_dcdit()
-    router, packed = dc.router, dc.packed
-    x, t, y = torch.randn(3, 4, 16, 16), torch.tensor([1, 500, 999]), torch.tensor([0, 1, 2])
-    for layout in (True, False):
-        with bench.forced_counts(dc, [16, 112, 64], packed=layout):
-            assert dc.packed is layout
-            _, info = dc(x, t, y, return_info=True)
-        assert info.kept.tolist() == [16, 112, 64]
-    assert dc.router is router and dc.packed == packed
+    dc.packed = packed
+    x, t, y = torch.randn(4, 4, 16, 16), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 3, 5, 9])
+    calls = []
+    for stage in bench.STAGES:  # record the stage methods forward calls, on this instance only
+        method = getattr(dc, stage.name)
+        setattr(dc, stage.name, lambda *a, _m=method, _n=stage.name, **kw: calls.append(_n) or _m(*a, **kw))
+    for kept in ([16, 112, 64, 64], 64):
+        with torch.no_grad(), keep_exactly(dc, kept, packed):
+            out = dc(x, t, y)
+            assert calls == [s.name for s in bench.STAGES]
+            assert torch.equal(bench.run_stages(dc, x, t, y)["out"], out)
+        calls.clear()
+
+
+def _has_grad(v) -> bool:
+    if torch.is_tensor(v):
+        return v.grad is not None
+    return any(torch.is_tensor(getattr(v, f)) and getattr(v, f).grad is not None for f in vars(v))
+
+
+class _Reads(dict):
+    """A forward state that records which entries a stage reads."""
+
+    def __init__(self, state):
+        super().__init__(state)
+        self.read = []
+
+    def __getitem__(self, key):
+        self.read.append(key)
+        return super().__getitem__(key)
+
+
+def _carries_grad(v) -> bool:
+    if torch.is_tensor(v):
+        return v.requires_grad
+    tensors = [getattr(v, f) for f in vars(v)] if hasattr(v, "__dataclass_fields__") else []
+    return any(torch.is_tensor(x) and x.requires_grad for x in tensors)
+
+
+def test_stage_grads_are_exactly_the_inputs_the_forward_differentiates():
+    """Each stage's `grads` (what it is differentiated through when timed alone) are exactly the inputs it reads
+    that its output depends on differentiably: none missing (the step's backward through them would go
+    untimed), none extra. Found here by running each stage on leaf copies of everything it reads."""
+    dc = tiny_dcdit()
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 2])
+    state = dict(x=x, t=t, y=y)
+    with keep_exactly(dc, 64):
+        for stage in bench.STAGES:
+            reads = _Reads(state)
+            out = stage.call(dc, reads)                                          # the real forward, with grad
+            leaves = {k: bench.as_leaf(state[k]) for k in dict.fromkeys(reads.read) if _carries_grad(state[k])}
+            outs = bench.grad_outputs(stage.call(dc, {**state, **leaves}))
+            sum(o.float().sum() for o in outs).backward()
+            used = [k for k, v in leaves.items() if _has_grad(v)]
+            assert used == [k for k in stage.grads if k != "t_emb"], stage.name  # t_emb: DyDiT's gates only
+            state.update(out)
+
+
+def test_stage_backwards_cover_the_step_parameters():
+    """Timed alone, the stages' backward passes together reach every parameter the whole backward reaches, each
+    in exactly one stage, so their times tile the step's work on the model."""
+    dc = tiny_dcdit()
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 2])
+    with keep_exactly(dc, 64):
+        with torch.no_grad():
+            state = bench.run_stages(dc, x, t, y)
+        reached = {}
+        for stage in bench.STAGES:
+            bench.stage_fwd_bwd(dc, stage, state)
+            reached[stage.name] = {n for n, p in dc.named_parameters() if p.grad is not None}
+        dc.zero_grad(set_to_none=True)
+        dc(x, t, y).sum().backward()
+        whole = {n for n, p in dc.named_parameters() if p.grad is not None}
+    assert set().union(*reached.values()) == whole
+    assert sum(len(v) for v in reached.values()) == len(whole)  # no parameter in two stages
+    assert reached["route"] == {n for n in whole if n.startswith("router.")}
+    assert {k for k, v in reached.items() if v} == {"condition", "encode", "route", "process", "decode"}
+
+
+def test_targets_per_device(tiny_run):
+    """A CUDA run is judged by the GPU targets: step time vs FLOPs, tail drop, packed time per FLOP, overhead,
+    and images/s and peak memory reported; the CPU-only targets give no verdict there."""
+    res = tiny_run[0]["results"]["tiny"]["2"]
+    labels = {k: SimpleNamespace(label=k) for k in ("dcdit", "iso", "public")}
+    cuda = SimpleNamespace(judged_as="cuda", contenders=labels)
+    memory = dict(res["memory"], method="torch.cuda.max_memory_allocated ...")
+    rows = [r for name in ("train", "sample", "shares", "packed") for r in bench.ROW_FNS[name](cuda, res[name])]
+    rows += bench.memory_rows(cuda, memory)
+    keys = [r.key for r in rows if r.key]
+    assert sorted(set(keys)) == ["images_per_s", "overhead_share", "packed_time_per_flop", "peak_mib",
+                                 "sample_efficiency", "train_time_over_flops"]
+    assert keys.count("images_per_s") == 3 and keys.count("peak_mib") == 3
+    by_key = {r.key: r for r in rows if r.key}
+    assert by_key["train_time_over_flops"].number == res["train"]["train_time_over_flops_ratio"]
+    assert by_key["packed_time_per_flop"].number == res["packed"]["packed"]["time_per_flop_ratio"]
+    assert by_key["peak_mib"].verdict == "PASS"
+    assert bench.judged(cuda, "train_time_over_flops", "m", 1.09).verdict == "PASS"
+    assert bench.judged(cuda, "train_time_over_flops", "m", 1.11).verdict == "FAIL"
+    assert bench.judged(cuda, "packed_time_per_flop", "m", 0.96).verdict == "PASS"
+    assert bench.judged(cuda, "fwd_bwd_time_over_flops", "m", 1.0).verdict == ""  # a CPU target only
+    failed = bench.memory_rows(cuda, dict(memory, dcdit=dict(error="child exited 1: out of memory")))
+    assert [r.verdict for r in failed if r.key == "peak_mib"] == ["FAIL", "PASS", "PASS"]
+
+
+def test_checkpoint_router_and_gates_decide(tmp_path):
+    """--ckpt: the elastic and dydit sections run the checkpoint's model with its own router (no fixed M)."""
+    cfg = load_config("configs/tiny/test-dcdit.yaml", ["model.router=predictability"])  # TINY_DCDIT's model
+    model = trained_tiny_dcdit()  # its predictability router keeps about half of the 64 tokens
+    path = tmp_path / "ckpt.pt"
+    torch.save({"ema": model.state_dict(), "config": config_to_dict(cfg)}, path)
+    run, _ = run_bench(tmp_path / "b.json", "--sections", "elastic", "dydit", "--ckpt", str(path),
+                       "--fractions", "0", "0.5")
+    res = run["results"]["tiny"]["2"]
+    x, t, y = bench.cfg_inputs(model, 2, torch.device("cpu"))
+    with torch.no_grad():
+        kept = model(x, t, y, return_info=True)[1].kept.double()             # the router's own counts
+    for f in (0.0, 0.5):
+        expected = (kept - torch.floor(f * kept)).mean().item()
+        assert res["elastic"][f"f={f:g}"]["mean_kept"] == pytest.approx(expected)
+    assert str(path) in res["elastic"]["routing"] and 64 > kept.mean() > 2
+    rows = res["dydit"]["rows"]  # a DC-DiT checkpoint: its weights, the gates at fixed patterns
+    assert rows["width"]["flops_ratio"] < 1.0 and "checkpoint gates" not in rows
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repeats", "0"], "--batch values and --repeats must be >= 1"),
+    (["--fractions", "0.3", "0.6"], "--fractions must lie in [0, 1) and include 0"),
+    (["--uncond-fraction", "1"], "--uncond-fraction must lie in [0, 1)"),
+    (["--ckpt", "x.pt", "--sections", "train"], "--ckpt is measured by the elastic and dydit sections"),
+    (["--ckpt", "x.pt", "--sizes", "S", "B", "--sections", "elastic"], "--ckpt is one model: give one size"),
+    (["--sections", "elastic", "--ckpt", "no/such.pt"], "--ckpt no/such.pt: no such file"),
+])
+def test_bad_command_line_is_one_line_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main((["--tiny"] if "--sizes" not in argv else []) + argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1
 
 
 def test_varied_counts_keep_the_total():
@@ -153,19 +302,6 @@ def test_flop_matched_depth_matches_brute_force_on_real_dit_counts():
         assert bench.flop_matched_depth(target, counts.__getitem__) == best
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_stages_compose_to_the_model_forward(packed):
-    """The shares section times these stages, so together they must be exactly DCDiT.forward."""
-    dc = tiny_dcdit()
-    dc.packed = packed
-    x, t, y = torch.randn(4, 4, 16, 16), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 3, 5, 9])
-    with torch.no_grad(), bench.forced_counts(dc, [16, 112, 64, 64], packed):
-        stages = bench.run_stages(dc, x, t, y)
-        assert torch.equal(stages["out"], dc(x, t, y))
-    with torch.no_grad(), forced_kept(dc, 64):
-        assert torch.equal(bench.run_stages(dc, x, t, y)["out"], dc(x, t, y))
-
-
 def test_release_comparison_goes_through_dit_b2():
     cpu_b = SimpleNamespace(size="B", device=torch.device("cpu"))
     rel = bench.release_comparison(cpu_b, 8, time_ratio=1.30, flops_ratio=1.28)
@@ -175,13 +311,6 @@ def test_release_comparison_goes_through_dit_b2():
     assert not bench.release_comparison(cpu_b, 4, 1.0, 1.0)["available"]
     assert not bench.release_comparison(SimpleNamespace(size="tiny", device=torch.device("cpu")), 2, 1.0, 1.0)[
         "available"]
-
-
-def test_bad_command_line_is_one_line_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--tiny", "--repeats", "0"])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.startswith("error: --batch values and --repeats must be >= 1")
 
 
 def test_compile_errors_point_at_model_lines():

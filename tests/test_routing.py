@@ -7,7 +7,7 @@ import torch
 
 from models.routers import (ROUTERS, CosineRouter, PredictabilityRouter, RandomRouter, RouterArgsError,
                             build_router)
-from models.routing import RouterOutput, compression_stats, ratio_loss, tail_drop
+from models.routing import KeepExactly, RouterOutput, compression_stats, keep_exactly, ratio_loss, tail_drop
 
 
 def _check_common(out: RouterOutput):
@@ -18,6 +18,58 @@ def _check_common(out: RouterOutput):
     assert torch.equal(out.mask, out.natural_mask)
     expected = torch.where(out.natural_mask, out.prob, 1 - out.prob)
     assert torch.equal(out.selected, expected)
+
+
+# ---------------------------------------------------------------- fixed budgets (KeepExactly)
+
+class _FixedProb(torch.nn.Module):
+    """A router stub returning the given p, whatever the input."""
+
+    def __init__(self, prob):
+        super().__init__()
+        self.prob = prob
+
+    def forward(self, x, grid):
+        mask = self.prob > 0.5
+        return RouterOutput(self.prob, mask, mask, torch.where(mask, self.prob, 1 - self.prob))
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_keep_exactly_per_sample_counts_keep_the_top_p(as_tensor):
+    prob = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.7, 0.3],
+                         [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+                         [0.5, 0.5, 0.5, 0.5, 0.5, 0.5]])
+    counts = torch.tensor([3, 1, 4]) if as_tensor else [3, 1, 4]
+    r = KeepExactly(_FixedProb(prob), counts)(torch.zeros(3, 6, 2), (2, 3))
+    assert r.mask.sum(1).tolist() == [3, 1, 4]                             # ties (row 3): any 4, exactly 4
+    assert r.mask[0].tolist() == [True, False, True, False, True, False]   # the three highest p
+    assert r.mask[1].tolist() == [False] * 5 + [True]
+    assert torch.equal(r.natural_mask, r.mask) and torch.equal(r.prob, prob)
+    assert torch.equal(r.selected, torch.where(r.mask, prob, 1 - prob))
+    # One count for every sample is the same as that count repeated.
+    same = KeepExactly(_FixedProb(prob[:2]), 2)(torch.zeros(2, 6, 2), (2, 3))
+    assert torch.equal(same.mask, KeepExactly(_FixedProb(prob[:2]), [2, 2])(torch.zeros(2, 6, 2), (2, 3)).mask)
+
+
+@pytest.mark.parametrize("kept", [[3, 1], [0, 1, 1], [7, 1, 1], 0, 7])
+def test_keep_exactly_rejects_bad_counts(kept):
+    with pytest.raises(ValueError, match=r"kept tokens M must be one count or 3 counts, each in \[1, L=6\]"):
+        KeepExactly(_FixedProb(torch.full((3, 6), 0.5)), kept)(torch.zeros(3, 6, 2), (2, 3))
+
+
+def test_keep_exactly_context_reaches_the_inner_blocks_and_restores_the_model():
+    from models.dc_dit import DCDiT
+    torch.manual_seed(0)
+    dc = DCDiT(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=4, encoder_width=8,
+               norm_groups=4).eval()
+    router, packed = dc.router, dc.packed
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 1, 2])
+    for layout in (True, False):
+        with torch.no_grad(), keep_exactly(dc, [4, 28, 16], packed=layout):
+            assert dc.packed is layout
+            _, info = dc(x, t, y, return_info=True)
+        assert info.kept.tolist() == [4, 28, 16]
+    assert dc.router is router and dc.packed == packed
 
 
 # ---------------------------------------------------------------- cosine router (§3.3)
