@@ -22,7 +22,8 @@ FIGURES = ("samples.png", "boundary_maps.png", "enrichment.png", "compression_vs
 
 def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the four train.py children
-    res = reproduce.main_impl(["--out", str(tmp_path), "--quick"])
+    # Pixel features: the Inception path has its own tests (test_evaluations.py); here it would only add a minute.
+    res = reproduce.main_impl(["--out", str(tmp_path), "--quick", "--features", "pixels"])
     report = (tmp_path / "REPORT.md").read_text()
     for section in SECTIONS:
         assert section in report, section
