@@ -36,7 +36,7 @@ def test_parameter_counts_within_2_percent_of_paper(name, paper_m, router):
 
 
 def test_scaffold_is_small_at_b_scale():
-    # DESIGN.md §4: about 2.8M parameters per side at B scale; inner width D/4 = 192.
+    # docs/architecture.md: about 2.8M parameters per side at B scale; inner width D/4 = 192.
     with torch.device("meta"):
         m = DCDiT_models["DCDiT-B"]()
     enc = sum(p.numel() for p in m.encoder.parameters()) / 1e6

@@ -40,7 +40,7 @@ def test_registry_state_dict_matches_public_layout(name):
 
 
 def test_public_parameter_counts():
-    # REFERENCE.md: DiT-XL/2 675.13M, DiT-B/2 130.51M (pos_embed included).
+    # The public DiT code counts DiT-XL/2 675.13M, DiT-B/2 130.51M (pos_embed included).
     with torch.device("meta"):
         xl, b = DiT_models["DiT-XL/2"](), DiT_models["DiT-B/2"]()
     assert sum(p.numel() for p in xl.parameters()) == 675_129_632
