@@ -423,3 +423,22 @@ def test_scripts_reject_a_batch_size_they_cannot_use(script, capsys):
     with pytest.raises(SystemExit) as exc:
         module.parse_args(["a", "b", "--batch-size", "0"])
     assert exc.value.code == 2 and "--batch-size 0: expected a positive integer" in capsys.readouterr().err
+
+
+def test_digit_classifier_input_and_recognition_share():
+    """evaluations.digits: any image size becomes 32 x 32 grey in [-1, 1]; `recognised` is the share of images
+    whose predicted class is their label (a stub network predicting class 3 everywhere: one tenth of 0..9)."""
+    import torch
+
+    from evaluations.digits import recognised, to_input
+    x = to_input(np.full((5, 64, 64, 3), 255, np.uint8))
+    assert x.shape == (5, 1, 32, 32) and torch.allclose(x, torch.ones_like(x))
+    assert to_input(np.zeros((2, 32, 32), np.uint8)).min() == -1.0
+
+    class Three(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(len(x), 10)
+            logits[:, 3] = 1.0
+            return logits
+
+    assert recognised(Three(), np.zeros((20, 16, 16, 3), np.uint8), np.arange(20) % 10) == 0.1
