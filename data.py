@@ -234,6 +234,16 @@ class DigitsDataset(Dataset):
         return self.images[i], self.labels[i]  # (1, 32, 32), ()
 
 
+def digits_rgb(size: int):
+    """The 5,000 bundled digits as (N, 3, size, size) in [-1, 1] and (N,) labels: 28 x 28 padded to 32,
+    bilinearly resized (antialiased), grey repeated over RGB as an image autoencoder takes them (the latent
+    digits of tools/train_autoencoder.py and tools/reproduce.py --space latent)."""
+    ds = DigitsDataset()
+    x = torch.nn.functional.interpolate(ds.images, size=(size, size), mode="bilinear", antialias=True,
+                                       align_corners=False)
+    return x.clamp(-1, 1).repeat(1, 3, 1, 1).contiguous(), ds.labels  # (N, 3, size, size), (N,)
+
+
 def build_dataset(data_cfg, expected_shape=None):
     """The dataset named by `data_cfg.kind`; `expected_shape` (C, h, w) is what the model takes. Features carry
     a record of their autoencoder's latents, which the config must describe (one-line error otherwise)."""

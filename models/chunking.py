@@ -94,35 +94,56 @@ def chunk(x: Tensor, mask: Tensor, prob: Tensor, return_counts: bool = False, co
     return (z, valid, idx, counts) if return_counts else (z, valid, idx)
 
 
+def nearest_slot(targets: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
+    """For each target point (B, T, 2), the slot of its nearest valid point among pos (B, M, 2): (B, T) long.
+
+    Euclidean distance by `torch.cdist` in its elementwise mode (one fused (B, T, M) pass; its matmul expansion
+    would round under TF32): for integer coordinates the squared distances are exact and their square roots keep
+    both order and ties, so this equals an argmin over exact squared distances. Invalid slots are moved 1e6 cells
+    away, out of reach of any target. Ties go to the lower slot (argmin returns the first minimum).
+    """
+    kept = pos.masked_fill(~valid.unsqueeze(-1), 1e6)  # (B, M, 2)
+    dist = torch.cdist(targets, kept, compute_mode="donot_use_mm_for_euclid_dist")  # (B, T, M)
+    return dist.argmin(dim=2)  # (B, T)
+
+
 def plug_back_index(idx: Tensor, valid: Tensor, grid: Tuple[int, int]) -> Tensor:
     """For each of the L grid positions, the slot of its nearest valid kept token: (B, L) long.
 
-    Euclidean grid distance by `torch.cdist` in its elementwise mode (one fused (B, L, Mmax) pass; its
-    matmul expansion would round under TF32): for integer coordinates the squared distances are exact and
-    their square roots keep both order and ties, so this equals an argmin over exact squared distances.
-    Invalid slots are moved 1e6 cells away, out of reach of any grid position. Ties go to the lower raster
-    index: valid slots are in raster order and come before the padding slots, and argmin returns the first
-    minimum. Faster than building the distances from coordinate differences (docs/performance.md).
+    Ties go to the lower raster index: valid slots are in raster order and come before the padding slots.
+    Faster than building the distances from coordinate differences (docs/performance.md).
     """
     H, W = int(grid[0]), int(grid[1])
-    kept = grid_coords(idx, grid).masked_fill(~valid.unsqueeze(-1), 1e6)  # (B, Mmax, 2)
     every = grid_coords(torch.arange(H * W, device=idx.device), grid)  # (L, 2)
-    every = every.expand(idx.shape[0], -1, -1)  # (B, L, 2)
-    dist = torch.cdist(every, kept, compute_mode="donot_use_mm_for_euclid_dist")  # (B, L, Mmax)
-    return dist.argmin(dim=2)  # (B, L)
+    return nearest_slot(every.expand(idx.shape[0], -1, -1), grid_coords(idx, grid), valid)  # (B, L)
 
 
 @torch.no_grad()
+def position_kernel(pos: Tensor, valid: Tensor, sigma: float) -> Tensor:
+    """Gaussian kernel between points pos (B, M, 2) in grid units, zero wherever either point is padding or the
+    weight is below exp(_KERNEL_LOG_FLOOR): (B, M, M) float32. Positions are integers, so it needs no gradient."""
+    d_row = pos[:, :, None, 0] - pos[:, None, :, 0]  # (B, M, M)
+    d_col = pos[:, :, None, 1] - pos[:, None, :, 1]  # (B, M, M)
+    log_k = (d_row * d_row + d_col * d_col) * (-0.5 / (sigma * sigma))  # (B, M, M)
+    keep = (log_k >= _KERNEL_LOG_FLOOR) & valid.unsqueeze(2) & valid.unsqueeze(1)  # (B, M, M)
+    return torch.exp(log_k.masked_fill_(~keep, float("-inf")))  # (B, M, M), exp(-inf) = 0
+
+
 def _masked_kernel(idx: Tensor, valid: Tensor, grid: Tuple[int, int], sigma: float) -> Tensor:
-    """Gaussian kernel between the slots' grid positions, zero wherever either slot is padding or the
-    weight is below exp(_KERNEL_LOG_FLOOR): (B, Mmax, Mmax) float32. Positions are integers, so it needs
-    no gradient."""
-    pos = grid_coords(idx, grid)  # (B, Mmax, 2)
-    d_row = pos[:, :, None, 0] - pos[:, None, :, 0]  # (B, Mmax, Mmax)
-    d_col = pos[:, :, None, 1] - pos[:, None, :, 1]  # (B, Mmax, Mmax)
-    log_k = (d_row * d_row + d_col * d_col) * (-0.5 / (sigma * sigma))  # (B, Mmax, Mmax)
-    keep = (log_k >= _KERNEL_LOG_FLOOR) & valid.unsqueeze(2) & valid.unsqueeze(1)  # (B, Mmax, Mmax)
-    return torch.exp(log_k.masked_fill_(~keep, float("-inf")))  # (B, Mmax, Mmax), exp(-inf) = 0
+    """position_kernel at the slots' grid positions: (B, Mmax, Mmax) float32."""
+    return position_kernel(grid_coords(idx, grid), valid, sigma)
+
+
+def _smooth(z: Tensor, p: Tensor, kernel: Tensor, valid: Tensor) -> Tensor:
+    """o_i = p_i z_i + (1 - p_i) sum_j K_ij p_j z_j / (sum_j K_ij p_j + eps) for z (B, M, D), p (B, M) in fp32."""
+    # Zero the padding so nothing there (even inf/nan) can reach a valid token through 0 * z.
+    z = z.float().masked_fill(~valid.unsqueeze(-1), 0.0)  # (B, M, D)
+    p = p.clamp(_P_MIN, 1.0 - _P_MIN)  # (B, M)
+    # W_ij = K_ij p_j factorises, so s = K (p z) / (K p): two batched matmuls, and autograd never keeps or
+    # differentiates an (M, M) weight tensor (p's gradient flows through p z and K p).
+    p = p.unsqueeze(-1)  # (B, M, 1)
+    smoothed = torch.bmm(kernel, p * z) / (torch.bmm(kernel, p) + _NORM_EPS)  # (B, M, D)
+    return p * z + (1.0 - p) * smoothed  # (B, M, D)
 
 
 def dechunk(z: Tensor, prob: Tensor, idx: Tensor, valid: Tensor, grid: Tuple[int, int],
@@ -144,17 +165,22 @@ def dechunk(z: Tensor, prob: Tensor, idx: Tensor, valid: Tensor, grid: Tuple[int
         raise ValueError(f"dechunk expects z (B, Mmax, D), idx and valid (B, Mmax); got z "
                          f"{tuple(z.shape)}, idx {tuple(idx.shape)}, valid {tuple(valid.shape)}")
     with torch.autocast(device_type=z.device.type, enabled=False):
-        # Zero the padding so nothing there (even inf/nan) can reach a valid token through 0 * z.
-        z = z.float().masked_fill(~valid.unsqueeze(-1), 0.0)  # (B, Mmax, D)
-        p = prob.float().gather(1, idx).clamp(_P_MIN, 1.0 - _P_MIN)  # (B, Mmax)
+        p = prob.float().gather(1, idx)  # (B, Mmax)
         kernel = _masked_kernel(idx, valid, grid, sigma)  # (B, Mmax, Mmax) K_ij valid_i valid_j, no grad
-        # W_ij = K_ij p_j factorises, so s = K (p z) / (K p): two batched matmuls, and autograd never
-        # keeps or differentiates an (Mmax, Mmax) weight tensor (p's gradient flows through p z and K p).
-        p = p.unsqueeze(-1)  # (B, Mmax, 1)
-        smoothed = torch.bmm(kernel, p * z) / (torch.bmm(kernel, p) + _NORM_EPS)  # (B, Mmax, D)
-        out = p * z + (1.0 - p) * smoothed  # (B, Mmax, D)
+        out = _smooth(z, p, kernel, valid)  # (B, Mmax, D)
         slot = plug_back_index(idx, valid, grid)  # (B, L)
         return gather_rows(out, slot)  # (B, L, D)
+
+
+def dechunk_points(z: Tensor, p: Tensor, pos: Tensor, valid: Tensor, targets: Tensor, sigma: float) -> Tensor:
+    """`dechunk` between point sets: kept points at pos (B, M, 2) with z (B, M, D) and p (B, M), smoothed as §3.4,
+    then every target point (B, T, 2) takes o of its nearest valid kept point -> (B, T, D) float32. The inner stage
+    of a two-stage DC-DiT de-chunks its kept tokens back onto the outer stage's kept tokens with it."""
+    if not sigma > 0:
+        raise ValueError(f"dechunk sigma must be > 0, got {sigma}")
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        out = _smooth(z, p.float(), position_kernel(pos, valid, sigma), valid)  # (B, M, D)
+        return gather_rows(out, nearest_slot(targets, pos, valid))  # (B, T, D)
 
 
 class GaussianDechunk(nn.Module):

