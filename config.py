@@ -76,6 +76,13 @@ class ModelConfig:
     downsample_factor: float = 4.0        # N, target compression of the ratio loss (must be > 1)
     dechunker: str = "gaussian"           # a key of models.chunking.DECHUNKERS: "gaussian" (§3.4) | "nearest"
     dechunk_sigma: float = 1.0            # Gaussian smoothing sigma in grid units (2.0 at 512px)
+    # A second chunking stage on stage 0's kept tokens (models/hierarchy.py); null = single-stage (the paper).
+    stage1_downsample_factor: Optional[float] = None  # N of the inner stage (e.g. 2 with N = 2: 4x overall)
+    stage1_encoder_depth: int = 1         # DiT blocks of the inner stage's encoder / decoder on the stage-0 tokens
+    stage1_decoder_depth: int = 1
+    stage1_dechunker: str = "gaussian"    # "gaussian" (§3.4 on the kept tokens' positions) | "nearest"
+    stage1_dechunk_sigma: float = 2.0     # grid cells; stage-0 kept tokens are about sqrt(N) cells apart
+    stage1_router_sigma: float = 2.0      # grid cells of the Gaussian neighbourhood the inner router compares with
     pos_scale: float = 1.0                # scale of kept tokens' (row, col) before the sin-cos embedding
     cond_adaptor: bool = False            # LayerNorm adaptor on c in encoder/decoder (upcycling, §4.4)
     inner_norm: bool = True               # RMSNorm after the last inner block, before de-chunking (release, H-Net)
@@ -128,6 +135,7 @@ class TrainConfig:
     init_weights: str = "ema"             # which weights of init_from: "ema" | "model"
     profile_steps: list[int] = field(default_factory=list)  # [a, b]: torch.profiler trace of steps a..b
     ratio_loss_weight: float = 0.03       # lambda, §3.5 (grid-searched in §4)
+    stage1_ratio_loss_weight: float = 0.03  # the inner stage's ratio loss (two-stage models)
     ratio_group_size: int = 16
     ratio_ramp_steps: int = 0             # 0 = no ramp; else N ramps linearly from ratio_ramp_start to N
     ratio_ramp_start: float = 2.0
@@ -511,6 +519,16 @@ def validate(cfg: Config) -> None:
         _require(re.fullmatch(r"([cdD][1-9]\d*)+", layout) is not None, f"model.{side}_layout",
                  "runs of block kinds with counts such as 'c2' or 'c1D1' (c = conv ResBlock, D = DiT block, "
                  "d = DiT block without MLP)", layout)
+    if m.stage1_downsample_factor is not None:
+        _require(m.stage1_downsample_factor > 1.0, "model.stage1_downsample_factor", "> 1 (the inner stage's N), or "
+                 "null (single stage)", m.stage1_downsample_factor)
+        _require(m.stage1_encoder_depth >= 0 and m.stage1_decoder_depth >= 0, "model.stage1_encoder_depth",
+                 ">= 0 DiT blocks per side", (m.stage1_encoder_depth, m.stage1_decoder_depth))
+        _require(m.stage1_dechunker in ("gaussian", "nearest"), "model.stage1_dechunker", "'gaussian' or 'nearest'",
+                 m.stage1_dechunker)
+        _require(m.stage1_dechunk_sigma > 0 and m.stage1_router_sigma > 0, "model.stage1_dechunk_sigma",
+                 "positive widths (stage1_dechunk_sigma, stage1_router_sigma)",
+                 (m.stage1_dechunk_sigma, m.stage1_router_sigma))
     _require(m.residual_init in RESIDUAL_INITS, "model.residual_init", f"one of {RESIDUAL_INITS}", m.residual_init)
     # N = 1 makes the ratio loss's N/(N-1) infinite and means no compression at all (§3.5).
     _require(m.downsample_factor > 1.0, "model.downsample_factor", "> 1 (target compression N)",

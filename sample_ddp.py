@@ -155,21 +155,23 @@ class RunLog:
 
     def __init__(self):
         self.indices, self.cond, self.uncond, self.seconds, self.timesteps = [], [], [], [], None
+        self.cond0, self.uncond0 = [], []  # a two-stage model's stage-0 counts
 
     def add(self, indices, records: list, use_cfg: bool) -> None:
         n = len(indices)
         self.indices.extend(int(i) for i in indices)
         self.timesteps = [r["t"] for r in records]
         self.seconds.append((n, np.array([r["seconds"] for r in records])))                 # (S,)
-        if "kept" in records[0]:
-            kept = np.stack([r["kept"].numpy() for r in records], axis=1).astype(np.int32)  # (rows, S)
-            self.cond.append(kept[:n])                                                      # (n, S)
-            if use_cfg:
-                self.uncond.append(kept[n:])                                                # (n, S)
+        for key, cond, uncond in (("kept", self.cond, self.uncond), ("kept0", self.cond0, self.uncond0)):
+            if key in records[0]:
+                kept = np.stack([r[key].numpy() for r in records], axis=1).astype(np.int32)  # (rows, S)
+                cond.append(kept[:n])                                                        # (n, S)
+                if use_cfg:
+                    uncond.append(kept[n:])                                                  # (n, S)
 
     def payload(self) -> dict:
         return {"indices": self.indices, "cond": self.cond, "uncond": self.uncond, "seconds": self.seconds,
-                "timesteps": self.timesteps}
+                "timesteps": self.timesteps, "cond0": self.cond0, "uncond0": self.uncond0}
 
 
 class GateLog:
@@ -259,6 +261,11 @@ def merge_logs(payloads: list, use_cfg: bool) -> dict:
         out["kept_stats"] = [{"t": t, "cond": _summary(cond[:, s]),
                               **({"uncond": _summary(uncond[:, s])} if use_cfg else {})}
                              for s, t in enumerate(out["timesteps"])]
+        if any(p.get("cond0") for p in payloads):  # a two-stage model: stage 0's counts, the same layout
+            parts0 = [np.concatenate([c for p in payloads for c in p["cond0"]])[order]]
+            if use_cfg:
+                parts0.append(np.concatenate([u for p in payloads for u in p["uncond0"]])[order])
+            out["kept_tokens_stage0"] = np.ascontiguousarray(np.concatenate(parts0, axis=0).T)  # (S, rows)
     # Throughput per step: each rank's images over its seconds at that step, summed over ranks (they run
     # concurrently). A rank's first batch carries one-off warm-up costs, so it is left out when it has more.
     rates, seconds = [], []
@@ -283,15 +290,22 @@ def token_count(model) -> int:
 
 
 def dump_json(report: dict) -> str:
-    """json.dumps, with the (S, rows) kept-count array written row by row: at 50K images, 250 steps and
-    CFG it holds 25M counts, which as one nested Python list would take about 1 GB of memory."""
-    kept = report.get("kept_tokens")
-    if not isinstance(kept, np.ndarray):
-        return json.dumps(report)
-    marker = '"__kept_tokens__"'
-    text = json.dumps({**report, "kept_tokens": marker[1:-1]})
-    rows = ",".join("[" + ",".join(map(str, row.tolist())) + "]" for row in kept)
-    return text.replace(marker, f"[{rows}]", 1)
+    """json.dumps, with the (S, rows) kept-count arrays (the inner blocks', and stage 0's for a two-stage model)
+    written row by row: at 50K images, 250 steps and CFG one holds 25M counts, which as one nested Python list
+    would take about 1 GB of memory."""
+    arrays = {k: v for k, v in report.items() if k in ("kept_tokens", "kept_tokens_stage0") and isinstance(v, np.ndarray)}
+    text = json.dumps({**report, **{k: f"__{k}__" for k in arrays}})
+    for key, kept in arrays.items():
+        rows = ",".join("[" + ",".join(map(str, row.tolist())) + "]" for row in kept)
+        text = text.replace(f'"__{key}__"', f"[{rows}]", 1)
+    return text
+
+
+def run_counts(merged: dict):
+    """The kept counts models.flops prices: (S, rows), or for a two-stage model (inner, stage 0)."""
+    if "kept_tokens_stage0" in merged:
+        return merged["kept_tokens"], merged["kept_tokens_stage0"]
+    return merged["kept_tokens"]
 
 
 def measure_tflops(model, cfg, merged: dict):
@@ -301,7 +315,7 @@ def measure_tflops(model, cfg, merged: dict):
     if is_dcdit(cfg.model.name):
         if "kept_tokens" not in merged:
             return None  # nothing drawn in this run: no measurement
-        return float(tflops_from_counts(dcdit_flops_coeffs(model), merged["kept_tokens"], use_cfg))
+        return float(tflops_from_counts(dcdit_flops_coeffs(model), run_counts(merged), use_cfg))
     return forward_flops(model) * cfg.sample.num_sampling_steps * (2 if use_cfg else 1) / 1e12
 
 
@@ -310,7 +324,7 @@ def measure_tflops_by_component(model, cfg, merged: dict, total: float):
     the same measured kept counts; a DiT's fixed component_flops), checked to sum to `total`, its value."""
     use_cfg = cfg.sample.cfg_scale > 1.0
     if is_dcdit(cfg.model.name):
-        parts = tflops_by_component(component_coeffs(model), merged["kept_tokens"], use_cfg)
+        parts = tflops_by_component(component_coeffs(model), run_counts(merged), use_cfg)
     else:
         parts = tflops_per_image_by_component(model, steps=cfg.sample.num_sampling_steps, cfg=use_cfg)
     if not math.isclose(sum(parts.values()), total, rel_tol=1e-9):

@@ -24,7 +24,8 @@ from config import format_config, load_config, validate
 from data import to_uint8_images
 from diffusion import create_diffusion
 from models import create_model, is_dcdit, load_checkpoint
-from models.flops import component_coeffs, tflops_by_component, tflops_per_image_by_component, tflops_per_step
+from models.flops import (component_coeffs, dcdit_flops_coeffs, tflops_by_component, tflops_per_image_by_component,
+                          tflops_per_step)
 
 # Random streams of one image: each gets its own generator so that using one never shifts another.
 NOISE_STREAM, UNCOND_NOISE_STREAM, LABEL_STREAM = 0, 1, 2
@@ -126,6 +127,8 @@ class Sampler:
         record = {"t": int(t[0]), "seconds": time.perf_counter() - start}
         if info is not None:
             record["kept"] = info.kept.detach().cpu()                        # (rows,)
+            if info.stage1 is not None:  # a two-stage model: stage 0's kept tokens too (its FLOPs depend on both)
+                record["kept0"] = info.router.mask.sum(1).detach().cpu()     # (rows,)
             record["mean_prob"] = info.router.prob.detach().float().mean(-1).cpu()  # (rows,)
             if self.keep_maps:
                 record["prob"] = info.router.prob.detach().cpu()             # (rows, L)
@@ -406,24 +409,28 @@ def sampling_summary(sampler: Sampler, n: int) -> dict:
     if sampler.dcdit:
         L = model.grid[0] * model.grid[1]
         kept = torch.stack([r["kept"] for r in records]).double().numpy()       # (S, rows)
+        kept0 = torch.stack([r["kept0"] for r in records]).double().numpy() if "kept0" in records[0] else None
         prob = torch.stack([r["mean_prob"] for r in records]).double().numpy()  # (S, rows)
         parts = component_coeffs(model)
-        coeffs = tuple(sum(c[i] for c in parts.values()) for i in range(3))      # the model's a, b, c
+        coeffs = dcdit_flops_coeffs(model)  # the parts' coefficients add up to these
         out["tokens"] = L
         out["kept_tokens"] = kept.astype(np.int64).tolist()  # (S, rows) as sample_ddp.py's, for tools/flops.py
+        if kept0 is not None:
+            out["kept_tokens_stage0"] = kept0.astype(np.int64).tolist()
         if cfg.dydit.enabled:
             out["flops_note"] = "DC-DiT cost at the kept tokens: DyDiT's gates are not priced here"
     for branch, sl in rows.items():
         if sampler.dcdit:
             m = kept[:, sl]                                                      # (S, n)
+            counts = m if kept0 is None else (m, kept0[:, sl])                   # what models.flops prices
             compression = L / m
             b = {"tail_dropping_fraction": sampler.tail_drop if branch == "cond" else uncond_f,
                  "kept_share": float((m / L).mean()), "boundary_prob": float(prob[:, sl].mean()),
                  "compression": {"geomean": float(np.exp(np.log(compression).mean())),
                                  "min": float(compression.min()), "max": float(compression.max())},
-                 "tflops_per_img_by_component": tflops_by_component(parts, m, cfg=False),
+                 "tflops_per_img_by_component": tflops_by_component(parts, counts, cfg=False),
                  "per_step": {"kept_share": _spread(m / L), "boundary_prob": _spread(prob[:, sl]),
-                              "tflops_per_img": tflops_per_step(coeffs, m, cfg=False).tolist()}}
+                              "tflops_per_img": tflops_per_step(coeffs, counts, cfg=False).tolist()}}
         else:  # a DiT runs every token of every row: a fixed cost per step
             by_component = tflops_per_image_by_component(model, steps=steps, cfg=False)
             b = {"tail_dropping_fraction": None, "tflops_per_img_by_component": by_component,

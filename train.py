@@ -177,10 +177,11 @@ def check_ranks_in_sync(model: torch.nn.Module, accelerator) -> bool:
     return bool(torch.equal(gathered, gathered[:1].expand_as(gathered)))
 
 
-def ratio_target(cfg, step: int) -> float:
-    """Compression target N, optionally ramped linearly from ratio_ramp_start over ratio_ramp_steps (§3.5)."""
-    n = cfg.model.downsample_factor
-    if cfg.train.ratio_ramp_steps <= 0:
+def ratio_target(cfg, step: int, n: Optional[float] = None) -> float:
+    """Compression target N (model.downsample_factor, or a given stage's N), optionally ramped linearly from
+    ratio_ramp_start over ratio_ramp_steps (§3.5); a stage whose N is below the ramp's start stays at its N."""
+    n = cfg.model.downsample_factor if n is None else n
+    if cfg.train.ratio_ramp_steps <= 0 or n <= cfg.train.ratio_ramp_start:
         return n
     a = min(1.0, step / cfg.train.ratio_ramp_steps)
     return cfg.train.ratio_ramp_start + a * (n - cfg.train.ratio_ramp_start)
@@ -392,7 +393,7 @@ class Losses:
     """The terms of one micro-batch's loss, and the routing statistics behind them."""
     total: torch.Tensor
     main: torch.Tensor            # diffusion loss, or block distillation during the upcycling warm-up
-    ratio: torch.Tensor           # §3.5
+    ratio: torch.Tensor           # §3.5 (both stages' weighted losses for a two-stage model)
     flops: torch.Tensor           # DyDiT's (F_dyn / F_static - lambda)^2
     distilling: bool
     info: Any = None              # ChunkInfo of the forward (DC-DiT)
@@ -425,6 +426,11 @@ def step_losses(run: Run, x, y, step: int, fraction: float, n_target: float) -> 
         # The natural (pre-drop) decisions: multi-budget training must not teach the router to keep more tokens
         # to make up for the dropped ones.
         ratio = ratio_loss(info.router.natural_mask, info.router.prob, n_target, cfg.train.ratio_group_size)
+        if info.stage1 is not None:  # the inner stage's own ratio loss, over its (stage-0 kept) tokens
+            s1 = info.stage1
+            n1 = ratio_target(cfg, step, cfg.model.stage1_downsample_factor)
+            ratio = ratio + cfg.train.stage1_ratio_loss_weight / cfg.train.ratio_loss_weight * ratio_loss(
+                s1.router.natural_mask, s1.router.prob, n1, cfg.train.ratio_group_size, valid=s1.valid)
     if cfg.dydit.enabled:  # §4.5: the gates' straight-through gradient pulls F_dyn / F_static to lambda
         flops = flops_loss(info.dydit, cfg.dydit.target_ratio, run.dcdit_coeffs)
     total = main + cfg.train.ratio_loss_weight * ratio + cfg.dydit.flops_loss_weight * flops
@@ -439,7 +445,7 @@ class Window:
 
     def __init__(self):
         self.sums = dict.fromkeys(self.KEYS, 0.0)
-        self.natural, self.run, self.flops_ratios = [], [], []
+        self.natural, self.run, self.flops_ratios, self.stage0 = [], [], [], []
         self.t0 = time.time()
 
     def add(self, losses: Losses, run: Run) -> None:
@@ -451,9 +457,15 @@ class Window:
         s["n"] += 1
         s["n_distill"] += int(losses.distilling)
         if losses.info is not None:
-            L = losses.info.router.prob.shape[1]
-            self.natural.append(L / losses.info.router.natural_mask.sum(1).float())  # (B,) L / M_b before dropping
-            self.run.append(L / losses.info.kept.float())                            # (B,) as the blocks ran
+            info = losses.info
+            L = info.router.prob.shape[1]
+            # L / M_b before dropping (a two-stage model: of the inner stage's natural decisions, so its overall
+            # compression) and as the inner blocks ran.
+            natural = info.router.natural_mask if info.stage1 is None else info.stage1.router.natural_mask
+            self.natural.append(L / natural.sum(1).float())                          # (B,)
+            self.run.append(L / info.kept.float())                                   # (B,)
+            if info.stage1 is not None:
+                self.stage0.append(L / info.router.natural_mask.sum(1).float())     # (B,) stage 0 alone
             if run.cfg.dydit.enabled:
                 self.flops_ratios.append(flops_ratio(losses.info.dydit, run.dcdit_coeffs).detach().float())
 
@@ -488,6 +500,8 @@ class Window:
                        compression_min=natural.min().item(), compression_max=natural.max().item(),
                        compression_run_gmean=ran.log().mean().exp().item(),
                        tail_drop=tot["fraction"] / max(tot["n_steps"], 1))
+            if self.stage0:
+                log["compression_stage0_gmean"] = acc.gather(torch.cat(self.stage0)).float().log().mean().exp().item()
         if run.cfg.dydit.enabled and self.flops_ratios:
             log.update(flops_loss=tot["flops"] / n, flops_ratio=acc.gather(torch.cat(self.flops_ratios)).mean().item())
         return log

@@ -40,7 +40,10 @@ def create_model(model_cfg, dydit_cfg=None):
             cond_adaptor=model_cfg.cond_adaptor, attention=model_cfg.attention, dydit=dydit,
             dydit_tau=dydit_cfg.tau if dydit else 5.0, inner_norm=model_cfg.inner_norm,
             residual_init=model_cfg.residual_init, encoder_layout=model_cfg.encoder_layout,
-            decoder_layout=model_cfg.decoder_layout)
+            decoder_layout=model_cfg.decoder_layout, stage1_downsample_factor=model_cfg.stage1_downsample_factor,
+            stage1_encoder_depth=model_cfg.stage1_encoder_depth, stage1_decoder_depth=model_cfg.stage1_decoder_depth,
+            stage1_dechunker=model_cfg.stage1_dechunker, stage1_dechunk_sigma=model_cfg.stage1_dechunk_sigma,
+            stage1_router_sigma=model_cfg.stage1_router_sigma)
     choices = ", ".join(list(DiT_models) + list(DCDiT_models))
     raise ModelConfigError(f"model.name {name!r} is not a known model; expected one of: {choices}")
 

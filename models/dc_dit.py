@@ -18,6 +18,7 @@ from .chunking import chunk as chunk_tokens
 from .dit import (DIT_SIZES, DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, guided_eps, init_conditioning,
                   init_linears)
 from .dydit import DyDiTBlock, DyDiTInfo, GateTally
+from .hierarchy import InnerStage, StageInfo
 from .isotropic import RMS_EPS, Decoder, Encoder
 from .pos_embed import sincos_2d
 from .routers import build_router
@@ -64,6 +65,9 @@ class ChunkInfo:
     valid: Optional[torch.Tensor] = None  # (B, Mmax) bool, real kept tokens (False at padding slots)
     # Only for a model built with dydit=True (§4.5, models/dydit.py): gates and FLOPs of the inner blocks.
     dydit: Optional[DyDiTInfo] = None
+    # Only for a two-stage model (models/hierarchy.py): the inner stage's decisions; `kept` is then its M1, and
+    # router.natural_mask.sum(1) stage 0's M0.
+    stage1: Optional[StageInfo] = None
 
 
 @dataclass
@@ -84,7 +88,9 @@ class DCDiT(nn.Module):
                  pos_scale: float = 1.0, cond_adaptor: bool = False, attention: str = "packed",
                  grad_checkpointing: bool = False, dydit: bool = False, dydit_tau: float = 5.0,
                  inner_norm: bool = True, residual_init: str = "xavier", encoder_layout: str = "c2",
-                 decoder_layout: str = "c2"):
+                 decoder_layout: str = "c2", stage1_downsample_factor: Optional[float] = None,
+                 stage1_encoder_depth: int = 1, stage1_decoder_depth: int = 1, stage1_dechunker: str = "gaussian",
+                 stage1_dechunk_sigma: float = 2.0, stage1_router_sigma: float = 2.0):
         super().__init__()
         if attention not in ("packed", "padded"):
             raise ValueError(f"attention must be 'packed' or 'padded', got {attention!r}")
@@ -122,6 +128,10 @@ class DCDiT(nn.Module):
         # The inner stack ends with an RMSNorm before de-chunking, as H-Net's isotropic stack and the authors'
         # release: it sets the scale of the de-chunked path against residual_proj(enc) in the sum of §3.1.
         self.inner_norm = nn.RMSNorm(hidden_size, eps=RMS_EPS) if inner_norm else None
+        # A second chunking stage between stage 0's kept tokens and the inner blocks (models/hierarchy.py).
+        self.stage1 = None if stage1_downsample_factor is None else InnerStage(
+            hidden_size, num_heads, mlp_ratio, stage1_downsample_factor, stage1_encoder_depth, stage1_decoder_depth,
+            stage1_dechunker, stage1_dechunk_sigma, stage1_router_sigma)
         self.dechunker = build_dechunker(dechunker, dechunk_sigma)
         self.residual_proj = nn.Linear(hidden_size, hidden_size)
         self.decoder = Decoder(width, hidden_size, norm_groups, cond_adaptor, decoder_layout)
@@ -132,11 +142,15 @@ class DCDiT(nn.Module):
         # Every Linear as DiT (xavier, zero bias), the router excepted: it owns its initialisation. That includes
         # residual_proj: the authors' release flags it zero-initialised like H-Net, but its later DiT-style init
         # pass overwrites the zero with xavier, and that is the network behind the paper's numbers.
-        init_linears(self, exclude=self.router)
-        self.router.reset_parameters()
+        routers = [self.router] + ([self.stage1.router] if self.stage1 is not None else [])
+        init_linears(self, exclude=routers)
+        for router in routers:
+            router.reset_parameters()
         if self.residual_init == "zero":
             # H-Net's choice: the decoder first sees only the de-chunked features.
             nn.init.zeros_(self.residual_proj.weight)
+            if self.stage1 is not None:
+                nn.init.zeros_(self.stage1.residual_proj.weight)
         # The 3x3 patch-embed conv like a Linear (xavier on the flattened kernel, zero bias), as DiT's patch
         # embedding and the release; the other convs keep PyTorch's default (LDM), as the release.
         w = self.encoder.patch_embed.weight.data
@@ -145,7 +159,7 @@ class DCDiT(nn.Module):
         # Embedders, adaLN-Zero inner blocks, zero output layer (DiT); DiT blocks of the scaffold start as the
         # identity too (adaLN-Zero).
         init_conditioning(self)
-        for side in (self.encoder, self.decoder):
+        for side in (self.encoder, self.decoder) + ((self.stage1,) if self.stage1 is not None else ()):
             for block in side.modules():
                 if isinstance(block, DiTBlock):
                     nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -210,6 +224,20 @@ class DCDiT(nn.Module):
             h = self.inner_norm(h)                                               # same shape
         return h, (tally.info() if tally is not None else None)
 
+    def process_two_stage(self, chunks: Chunks, c: torch.Tensor, t_emb: torch.Tensor, tail_drop: Fraction = 0.0,
+                          collect: Optional[list] = None):
+        """A second chunking stage around the inner blocks (models/hierarchy.py) -> (h on the stage-0 tokens,
+        DyDiTInfo | None, StageInfo). Tail dropping happens here, at the innermost stage."""
+        s1, gc = self.stage1, self.grad_checkpointing
+        enc = chunks.layout.unpack(s1.encode(chunks.tokens, c, chunks.layout, gc))  # (B, M0max, D)
+        pos = grid_coords(chunks.idx, self.grid)                                     # (B, M0max, 2)
+        r = s1.route(enc, pos, chunks.valid, tail_drop)                              # RouterOutput, each (B, M0max)
+        tokens, layout, idx, ok = s1.chunk(enc, r, self.packed)                      # (T1, D) | (B, M1max, D)
+        h, dyn = self.process(tokens, c, t_emb, layout, collect)                     # same shape
+        u = s1.dechunk(layout.unpack(h), r, idx, ok, pos)                            # (B, M0max, D) fp32
+        h = s1.decode(u, enc, r, c, chunks.layout, gc)                               # (T0, D) | (B, M0max, D)
+        return h, dyn, StageInfo(router=r, valid=chunks.valid, kept=ok.sum(1), idx=idx, ok=ok)
+
     def dechunk(self, h: torch.Tensor, r: RouterOutput, chunks: Chunks) -> torch.Tensor:
         """Processed kept tokens -> every grid position (§3.4), in fp32: (B, L, D)."""
         z = chunks.layout.unpack(h)                                              # (B, Mmax, D)
@@ -243,17 +271,24 @@ class DCDiT(nn.Module):
             raise ValueError("collect_blocks=True returns the block outputs in ChunkInfo: pass return_info=True")
         c, t_emb = self.condition(t, y, force_drop_ids)                          # (B, D) x2
         enc = self.encode(x, c)                                                  # (B, L, D)
-        r = self.route(enc, tail_drop)                                           # RouterOutput, each (B, L)
+        r = self.route(enc, tail_drop if self.stage1 is None else 0.0)           # RouterOutput, each (B, L)
         chunks = self.chunk(enc, r)                                              # (T, D) | (B, Mmax, D)
         collected = [] if collect_blocks else None
-        h, dyn = self.process(chunks.tokens, c, t_emb, chunks.layout, collected)  # same shape
+        if self.stage1 is None:
+            h, dyn = self.process(chunks.tokens, c, t_emb, chunks.layout, collected)  # same shape
+            inner = None
+        else:
+            h, dyn, inner = self.process_two_stage(chunks, c, t_emb, tail_drop, collected)  # same shape
         u = self.dechunk(h, r, chunks)                                           # (B, L, D) fp32
         out = self.decode(u, enc, r, c)                                          # (B, out, H, W)
         if not return_info:
             return out
-        info = ChunkInfo(router=r, kept=chunks.valid.sum(1), grid=self.grid, dydit=dyn)
+        info = ChunkInfo(router=r, kept=chunks.valid.sum(1) if inner is None else inner.kept, grid=self.grid,
+                         dydit=dyn, stage1=inner)
         if collect_blocks:
             info.blocks, info.idx, info.valid = collected, chunks.idx, chunks.valid
+            if inner is not None:  # the inner blocks ran on stage-1 tokens: their raster positions
+                info.idx, info.valid = chunks.idx.gather(1, inner.idx), inner.ok
         return out, info
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,

@@ -156,10 +156,11 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, layout: 
     return x
 
 
-def init_linears(model: nn.Module, exclude: Optional[nn.Module] = None) -> None:
-    """Every Linear: xavier-uniform weight, zero bias (DiT's transformer default). Modules inside `exclude` are
-    left alone: they own their initialisation (DC-DiT's router)."""
-    skip = set(exclude.modules()) if exclude is not None else set()
+def init_linears(model: nn.Module, exclude=()) -> None:
+    """Every Linear: xavier-uniform weight, zero bias (DiT's transformer default). Modules inside `exclude` (a
+    module or a list of them) are left alone: they own their initialisation (DC-DiT's routers)."""
+    excluded = [exclude] if isinstance(exclude, nn.Module) else list(exclude)
+    skip = {m for module in excluded for m in module.modules()}
     for m in model.modules():
         if isinstance(m, nn.Linear) and m not in skip:
             nn.init.xavier_uniform_(m.weight)

@@ -23,6 +23,7 @@ counts on the host (DC-DiT), on CPU with every FLOP-carrying op replaced by a ze
 (`_ShapeOnly`): FLOPs depend on shapes, never on values. The command line is tools/flops.py.
 """
 import copy
+import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -187,16 +188,17 @@ def _count_forward(model: nn.Module, by_component: bool = False):
 # Parts of a model a FLOP is charged to, by where its module sits. Inner (DiT) blocks are split into their
 # attention (qkv, QK^T and AV, proj), MLP and adaLN modulation. What runs in the model's own forward outside
 # any child module (DC-DiT: chunking, position embeddings, the STE gate) is "chunk" for DC-DiT, "other" for DiT.
-DCDIT_COMPONENTS = ("condition", "encoder", "router", "chunk", "attention", "mlp", "modulation", "inner_norm",
-                    "dechunk", "residual", "decoder", "final_layer")
+DCDIT_COMPONENTS = ("condition", "encoder", "router", "chunk", "inner_stage", "attention", "mlp", "modulation",
+                    "inner_norm", "dechunk", "residual", "decoder", "final_layer")
 DIT_COMPONENTS = ("condition", "patchify", "attention", "mlp", "modulation", "final_layer", "other")
-_CHILD_COMPONENT = {"t_embedder": "condition", "y_embedder": "condition", "encoder": "encoder", "router": "router",
+_CHILD_COMPONENT = {"stage1": "inner_stage", "t_embedder": "condition", "y_embedder": "condition", "encoder": "encoder", "router": "router",
                     "inner_norm": "inner_norm", "dechunker": "dechunk", "residual_proj": "residual",
                     "decoder": "decoder", "final_layer": "final_layer", "x_embedder": "patchify"}
 _BLOCK_COMPONENT = {"attn": "attention", "mlp": "mlp", "adaLN_modulation": "modulation"}
 # The DCDiT stage method (models/dc_dit.py) that runs each DC-DiT component, so FLOPs can sit beside the time
 # each stage takes (tools/bench.py's shares section).
 DCDIT_STAGE_OF = {"condition": "condition", "encoder": "encode", "router": "route", "chunk": "chunk",
+                  "inner_stage": "process_two_stage",
                   "attention": "process", "mlp": "process", "modulation": "process", "inner_norm": "process",
                   "dechunk": "dechunk", "residual": "decode", "decoder": "decode", "final_layer": "decode"}
 
@@ -210,13 +212,16 @@ def _components(root: str, total: int, counts: dict) -> dict:
     out = dict.fromkeys(names, 0)
     for module, ops in counts.items():
         parts = module.split(".")
-        if parts[0] != root:
+        if parts[0] != root or len(parts) < 2:
             continue
         flops = sum(ops.values())
-        if len(parts) == 2 and parts[1] in _CHILD_COMPONENT:
+        if parts[1] == "blocks":
+            if len(parts) == 4 and parts[3] in _BLOCK_COMPONENT:
+                out[_BLOCK_COMPONENT[parts[3]]] += flops
+        elif parts[1] in _CHILD_COMPONENT and not any(".".join(parts[:k]) in counts for k in range(2, len(parts))):
+            # The outermost module that ran: a child called whole, or the parts of one whose methods are called
+            # one by one (the inner stage's encoder blocks, router, ...), each counted once.
             out[_CHILD_COMPONENT[parts[1]]] += flops
-        elif len(parts) == 4 and parts[1] == "blocks" and parts[3] in _BLOCK_COMPONENT:
-            out[_BLOCK_COMPONENT[parts[3]]] += flops
     blocks = sum(sum(ops.values()) for m, ops in counts.items() if m.split(".")[:2] == [root, "blocks"]
                  and len(m.split(".")) == 3)
     block_parts = out["attention"] + out["mlp"] + out["modulation"]
@@ -257,7 +262,7 @@ def _num_tokens(model) -> int:
 # Public API
 # ----------------------------------------------------------------------------------------------------
 
-def forward_flops(model: nn.Module, kept: Optional[int] = None) -> int:
+def forward_flops(model: nn.Module, kept=None) -> int:
     """FLOPs of one forward at batch 1. DiT: `kept` is ignored. DC-DiT: `kept` = M is required.
 
     A DC-DiT runs with exactly M kept tokens and the padded attention layout: at batch 1 there is no
@@ -272,16 +277,36 @@ def forward_flops(model: nn.Module, kept: Optional[int] = None) -> int:
     if isinstance(model, DCDiT):
         if kept is None:
             raise ValueError("forward_flops: a DC-DiT's cost depends on the kept-token count; pass kept=M "
-                             f"(an int in [1, L={_num_tokens(model)}])")
+                             f"(an int in [1, L={_num_tokens(model)}]; (M0, M1) for a two-stage model)")
         real = materialize(model)
-        with keep_exactly(real, int(kept), packed=False), dydit_execution(real, "static"):
+        with _keep(real, kept), dydit_execution(real, "static"):
             return _count_forward(real)
     if isinstance(model, DiT):
         return _count_forward(model)
     raise TypeError(f"forward_flops: expected a DiT or a DCDiT, got {type(model).__name__}")
 
 
-def component_flops(model: nn.Module, kept: Optional[int] = None) -> dict:
+@contextmanager
+def _keep(model: nn.Module, kept):
+    """Exactly `kept` = M tokens per sample (padded layout: at batch 1 the packed path's maths); for a two-stage
+    model `kept` = (M0, M1), the tokens each stage keeps."""
+    two_stage = getattr(model, "stage1", None) is not None
+    if two_stage != isinstance(kept, (tuple, list)):
+        raise ValueError(f"kept={kept!r}: expected " + ("(M0, M1), the tokens each stage keeps, for a two-stage model"
+                                                        if two_stage else "one token count M"))
+    if not two_stage:
+        with keep_exactly(model, int(kept), packed=False):
+            yield model
+        return
+    from .hierarchy import keep_exactly_inner
+    m0, m1 = (int(k) for k in kept)
+    if not 1 <= m1 <= m0:
+        raise ValueError(f"kept=(M0, M1)={kept!r}: the inner stage keeps at most what stage 0 kept (1 <= M1 <= M0)")
+    with keep_exactly(model, m0, packed=False), keep_exactly_inner(model, m1):
+        yield model
+
+
+def component_flops(model: nn.Module, kept=None) -> dict:
     """forward_flops split by part of the model, {component: FLOPs}, summing exactly to forward_flops(model, kept)."""
     from .dc_dit import DCDiT
     from .dit import DiT
@@ -290,7 +315,7 @@ def component_flops(model: nn.Module, kept: Optional[int] = None) -> dict:
         if kept is None:
             raise ValueError("component_flops: a DC-DiT's cost depends on the kept-token count; pass kept=M")
         real = materialize(model)
-        with keep_exactly(real, int(kept), packed=False), dydit_execution(real, "static"):
+        with _keep(real, kept), dydit_execution(real, "static"):
             return _count_forward(real, by_component=True)
     if isinstance(model, DiT):
         return _count_forward(model, by_component=True)
@@ -302,6 +327,8 @@ def stage_flops(components: dict) -> dict:
     order DCDiT.forward calls the stages."""
     out: dict = {}
     for name in DCDIT_COMPONENTS:
+        if name == "inner_stage" and not components.get(name):
+            continue  # a single-stage model has no process_two_stage
         stage = DCDIT_STAGE_OF[name]
         out[stage] = out.get(stage, 0) + components[name]
     return out
@@ -329,6 +356,8 @@ def dcdit_flops_coeffs(model: nn.Module) -> Tuple[int, int, int]:
     from .dc_dit import DCDiT
     if not isinstance(model, DCDiT):
         raise TypeError(f"dcdit_flops_coeffs: expected a DCDiT, got {type(model).__name__}")
+    if model.stage1 is not None:
+        return two_stage_coeffs(model)
     L = _num_tokens(model)
     if L < 8:
         raise ValueError(f"dcdit_flops_coeffs needs a grid of at least 8 tokens to fit and check, got L={L}")
@@ -342,9 +371,85 @@ def dcdit_flops_coeffs(model: nn.Module) -> Tuple[int, int, int]:
     return coeffs
 
 
+@dataclass(frozen=True)
+class TwoStageCoeffs:
+    """Forward FLOPs per sample of a two-stage DC-DiT: a + b0 M0 + c0 M0^2 + b1 M1 + c1 M1^2 + d M0 M1, with M0 the
+    tokens stage 0 keeps (the inner stage's encoder, router and decoder run on them) and M1 the inner blocks'."""
+    a: int
+    b0: int
+    c0: int
+    b1: int
+    c1: int
+    d: int
+
+    @staticmethod
+    def monomials(m0, m1) -> tuple:
+        return (1, m0, m0 * m0, m1, m1 * m1, m0 * m1)
+
+    def __call__(self, m0, m1):
+        return sum(c * x for c, x in zip(dataclasses.astuple(self), self.monomials(m0, m1)))
+
+
+def _solve_exact(rows: list, rhs: list) -> list:
+    """Gaussian elimination in rational arithmetic: the exact solution of rows x = rhs (square, non-singular)."""
+    n = len(rows)
+    a = [[Fraction(v) for v in row] + [Fraction(b)] for row, b in zip(rows, rhs)]
+    for col in range(n):
+        pivot = next(r for r in range(col, n) if a[r][col] != 0)
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(n):
+            if r != col and a[r][col] != 0:
+                f = a[r][col] / a[col][col]
+                a[r] = [x - f * y for x, y in zip(a[r], a[col])]
+    return [a[i][n] / a[i][i] for i in range(n)]
+
+
+def _two_stage_points(L: int) -> tuple:
+    """(M0, M1) fitting points (six, the monomials independent) and a check point; M1 <= M0 <= L."""
+    q, h = max(L // 4, 4), max(L // 2, 8)
+    return [(4, 2), (q, 2), (h, 2), (h, q // 2), (h, q), (q, q // 2)], (L, h)
+
+
+def _fit_two_stage(points: list, flops: list, what: str) -> TwoStageCoeffs:
+    sol = _solve_exact([TwoStageCoeffs.monomials(m0, m1) for m0, m1 in points], flops)
+    if any(v.denominator != 1 for v in sol):
+        raise RuntimeError(f"{what}: FLOPs at (M0, M1) = {points} do not fit an integer polynomial: {sol}")
+    return TwoStageCoeffs(*(int(v) for v in sol))
+
+
+def two_stage_coeffs(model: nn.Module) -> TwoStageCoeffs:
+    """The exact TwoStageCoeffs of a two-stage DC-DiT, fitted on six (M0, M1) and checked on a seventh."""
+    real = materialize(model)
+    points, check = _two_stage_points(_num_tokens(model))
+    coeffs = _fit_two_stage(points, [forward_flops(real, p) for p in points], "two-stage DC-DiT")
+    if coeffs(*check) != forward_flops(real, check):
+        raise RuntimeError(f"two-stage DC-DiT FLOPs are not {coeffs} at (M0, M1) = {check}")
+    return coeffs
+
+
+def price(coeffs, kept):
+    """Forward FLOPs per row at its kept tokens: a + b M + c M^2 for (a, b, c), or, for TwoStageCoeffs, kept is the
+    pair (M1, M0) of the inner and stage-0 counts (numbers or arrays)."""
+    if isinstance(coeffs, TwoStageCoeffs):
+        m1, m0 = kept
+        return coeffs(m0, m1)
+    return quadratic(coeffs, kept)
+
+
 def component_coeffs(model: nn.Module) -> dict:
     """{component: (a, b, c)} of a DC-DiT: each part's forward FLOPs are a + b M + c M^2 too (fitted exactly as
-    dcdit_flops_coeffs, checked at M = L), and the parts' coefficients add up to the model's."""
+    dcdit_flops_coeffs, checked at M = L), and the parts' coefficients add up to the model's. A two-stage model's
+    parts get TwoStageCoeffs, fitted the same way."""
+    if getattr(model, "stage1", None) is not None:
+        real = materialize(model)
+        points, check = _two_stage_points(_num_tokens(model))
+        counts = [component_flops(real, p) for p in points]
+        out = {name: _fit_two_stage(points, [c[name] for c in counts], f"component {name}") for name in counts[0]}
+        at = component_flops(real, check)
+        for name, coeffs in out.items():
+            if coeffs(*check) != at[name]:
+                raise RuntimeError(f"component {name}: FLOPs are not {coeffs} at (M0, M1) = {check}")
+        return out
     L = _num_tokens(model)
     real = materialize(model)
     fit_at = (2, L // 4, L // 2)
@@ -391,6 +496,23 @@ def tflops_by_component(component_coeffs: dict, counts, cfg: bool = True) -> dic
     return {name: tflops_from_counts(coeffs, counts, cfg) for name, coeffs in component_coeffs.items()}
 
 
+def _counts(coeffs, counts) -> tuple:
+    """(the inner counts as a (steps, rows) float array, what `price` takes): for TwoStageCoeffs, counts is the pair
+    (inner counts, stage-0 counts) of equal shapes."""
+    pair = isinstance(coeffs, TwoStageCoeffs)
+    if pair and not (isinstance(counts, (tuple, list)) and len(counts) == 2):
+        raise ValueError("a two-stage model's kept counts are a pair: (inner counts, stage-0 counts), each (steps, rows)")
+    arrays = [np.asarray(c, dtype=np.float64) for c in (counts if pair else (counts,))]
+    for arr in arrays:
+        if arr.ndim != 2 or arr.size == 0:
+            raise ValueError(f"counts must be a non-empty (steps, rows) array of kept tokens, got shape {arr.shape}")
+        if (arr < 1).any():
+            raise ValueError(f"kept counts must be >= 1 per row, got a minimum of {arr.min():g}")
+    if pair and arrays[0].shape != arrays[1].shape:
+        raise ValueError(f"inner and stage-0 counts differ in shape: {arrays[0].shape} vs {arrays[1].shape}")
+    return arrays[0], (tuple(arrays) if pair else arrays[0])
+
+
 def tflops_from_counts(coeffs: Sequence[float], counts, cfg: bool = True) -> float:
     """TFLOPs per image of a sampling run from its kept counts.
 
@@ -398,25 +520,21 @@ def tflops_from_counts(coeffs: Sequence[float], counts, cfg: bool = True) -> flo
     the conditional then the unconditional halves, both charged as run (so Lite-CFG's cheaper
     unconditional rows cost less), and n_images = rows / 2; without CFG n_images = rows.
     """
-    arr = np.asarray(counts, dtype=np.float64)  # (steps, rows)
-    if arr.ndim != 2 or arr.size == 0:
-        raise ValueError(f"counts must be a non-empty (steps, rows) array of kept tokens, got shape {arr.shape}")
-    if (arr < 1).any():
-        raise ValueError(f"kept counts must be >= 1 per row, got a minimum of {arr.min():g}")
+    arr, both = _counts(coeffs, counts)
     rows = arr.shape[1]
     if cfg and rows % 2:
         raise ValueError(f"with CFG the rows are [cond; uncond] halves, so their number must be even, got {rows}")
     n_images = rows // 2 if cfg else rows
-    return float(quadratic(coeffs, arr).sum()) / n_images / 1e12
+    return float(price(coeffs, both).sum()) / n_images / 1e12
 
 
 def tflops_per_step(coeffs: Sequence[float], counts, cfg: bool = True) -> np.ndarray:
     """(steps,) TFLOPs per image spent at each sampling step, priced as tflops_from_counts (whose total is their
     sum): the step's rows a + b M + c M^2 summed, over the images they belong to."""
-    arr = np.asarray(counts, dtype=np.float64)  # (steps, rows)
-    tflops_from_counts(coeffs, arr, cfg)        # the same checks of shape, counts and CFG halves
+    tflops_from_counts(coeffs, counts, cfg)     # the same checks of shape, counts and CFG halves
+    arr, both = _counts(coeffs, counts)
     n_images = arr.shape[1] // 2 if cfg else arr.shape[1]
-    return quadratic(coeffs, arr).sum(1) / n_images / 1e12  # (steps,)
+    return price(coeffs, both).sum(1) / n_images / 1e12  # (steps,)
 
 
 def build_model(cfg, device: str = "meta") -> nn.Module:

@@ -166,7 +166,7 @@ def tail_drop(prob: Tensor, mask: Tensor, fraction: Union[float, Tensor]) -> Ten
 
 
 def ratio_loss(natural_mask: Tensor, prob: Tensor, downsample_factor: float,
-               group_size: int = 16) -> Tensor:
+               group_size: int = 16, valid: Optional[Tensor] = None) -> Tensor:
     """Compression regulariser (paper §3.5, H-Net): N/(N-1) ((N-1) F G + (1-F)(1-G)).
 
     F = share of boundary tokens (from the pre-drop mask, no gradient), G = mean p (gradient), both
@@ -179,8 +179,13 @@ def ratio_loss(natural_mask: Tensor, prob: Tensor, downsample_factor: float,
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     B = prob.shape[0]
     with torch.autocast(device_type=prob.device.type, enabled=False):
-        f_sample = natural_mask.float().mean(1)  # (B,)
-        g_sample = prob.float().mean(1)  # (B,)
+        if valid is None:
+            f_sample = natural_mask.float().mean(1)  # (B,)
+            g_sample = prob.float().mean(1)  # (B,)
+        else:  # a padded set of tokens (a two-stage model's inner stage): means over each sample's real slots
+            n = valid.float().sum(1)  # (B,)
+            f_sample = (natural_mask & valid).float().sum(1) / n  # (B,)
+            g_sample = (prob.float() * valid).sum(1) / n  # (B,)
         n_groups = -(-B // group_size)
         group = torch.arange(B, device=prob.device) // group_size  # (B,)
         sizes = [group_size] * (B // group_size) + ([B % group_size] if B % group_size else [])
