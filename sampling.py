@@ -26,6 +26,7 @@ from diffusion import create_diffusion
 from models import create_model, is_dcdit, load_checkpoint
 from models.flops import (component_coeffs, dcdit_flops_coeffs, tflops_by_component, tflops_per_image_by_component,
                           tflops_per_step)
+from models.hierarchy import inner_kept_grid
 
 # Random streams of one image: each gets its own generator so that using one never shifts another.
 NOISE_STREAM, UNCOND_NOISE_STREAM, LABEL_STREAM = 0, 1, 2
@@ -133,6 +134,8 @@ class Sampler:
             if self.keep_maps:
                 record["prob"] = info.router.prob.detach().cpu()             # (rows, L)
                 record["mask"] = info.router.mask.detach().cpu()             # (rows, L)
+                if info.stage1 is not None:
+                    record["mask1"] = inner_kept_grid(info).cpu()            # (rows, L) the inner stage's tokens
         self.records.append(record)
         return out
 

@@ -55,7 +55,8 @@ def read_run(path: str) -> dict:
 
 
 # Rows chunking_viz can draw per sample, in the order asked: what each shows.
-VIZ_ROWS = {"xt": "noisy input x_t", "x0": "predicted x0", "p": "boundary probability p"}
+VIZ_ROWS = {"xt": "noisy input x_t", "x0": "predicted x0", "p": "boundary probability p",
+            "kept": "kept tokens (grey: stage 0, white: inner stage)"}
 DEFAULT_VIZ_ROWS = ("x0", "p")
 
 
@@ -81,7 +82,7 @@ def chunking_panels(steps: list, records: list, cfg, num_samples: int = 4, num_c
     bad = [r for r in rows if r not in VIZ_ROWS]
     if bad or not rows:
         raise ValueError(f"chunking_panels: rows {list(rows)}: expected names from {list(VIZ_ROWS)}")
-    need = ["kept"] + (["prob"] if "p" in rows else [])
+    need = ["kept"] + (["prob"] if "p" in rows else []) + (["mask"] if "kept" in rows else [])
     if len(records) != len(steps) or not records or any(k not in records[0] for k in need):
         raise ValueError(f"chunking_viz: expected one DC-DiT record with boundary maps per step, got "
                          f"{len(records)} records for {len(steps)} steps (a fresh Sampler with keep_maps=True)")
@@ -98,6 +99,10 @@ def chunking_panels(steps: list, records: list, cfg, num_samples: int = 4, num_c
                                  for k in cols])                                               # (cols, n, H, W, 3)
     if "p" in rows:
         out["p"] = np.stack([records[k]["prob"][:n].view(n, s, s).numpy() for k in cols])     # (cols, n, s, s)
+    if "kept" in rows:  # 0.5 where stage 0 keeps a token, 1 where a two-stage model's inner stage keeps it too
+        out["kept"] = np.stack([(0.5 * records[k]["mask"][:n].float() + 0.5 * records[k]["mask1"][:n].float()
+                                 if "mask1" in records[k] else records[k]["mask"][:n].float()).view(n, s, s).numpy()
+                                for k in cols])                                                # (cols, n, s, s)
     return out
 
 
@@ -114,6 +119,8 @@ def _draw_chunking(panels: dict, samples: Sequence[int], rows: Sequence[str], pa
                 ax = axes[a * len(rows) + r, j]
                 if row == "p":
                     im = ax.imshow(panels["p"][j, i], vmin=0, vmax=1, cmap="magma")
+                elif row == "kept":
+                    ax.imshow(panels["kept"][j, i], vmin=0, vmax=1, cmap="gray")
                 else:
                     ax.imshow(panels[row][j, i])
                 ax.set_xticks([])

@@ -205,3 +205,16 @@ class _Wrapped(nn.Module):
 
     def forward(self, *args):
         return self._forward(*args)
+
+
+def inner_kept_grid(info) -> Tensor:
+    """(B, L) bool: the grid positions whose tokens the inner stage kept (for visualisations), from a ChunkInfo.
+
+    Stage 0's kept slots are its kept tokens in raster order, so slot j of sample b is the j-th True of
+    info.router.mask[b]; the inner stage's real slots point at those slots."""
+    mask0, s1 = info.router.mask, info.stage1
+    B, L = mask0.shape
+    order = torch.sort((~mask0).to(torch.int8), dim=1, stable=True).indices       # (B, L) kept positions first
+    positions = order.gather(1, s1.idx)                                            # (B, M1max) raster positions
+    grid = torch.zeros(B, L, dtype=torch.bool, device=mask0.device)
+    return grid.scatter(1, positions, s1.ok & s1.router.mask.gather(1, s1.idx))    # (B, L)

@@ -159,3 +159,19 @@ def test_two_stage_samples_with_tail_dropping_and_prices_both_stages(tmp_path, t
                  "--out-dir", str(tmp_path / "one"), "--vae-path", tiny_vae])
     summary = json.loads((tmp_path / "one" / "sample_summary.json").read_text())
     assert "kept_tokens_stage0" in summary and summary["tflops_per_img"] > 0
+
+
+def test_chunking_visualisation_shows_both_stages(tiny_vae):
+    """The "kept" row: 0.5 where stage 0 keeps a token, 1 where the inner stage keeps it as well; the 1s of each
+    sample are exactly the tokens the inner blocks ran, and they lie inside stage 0's."""
+    from sampling import Sampler, generate
+    from visualize import chunking_panels
+    model, cfg = two_stage([f"data.vae_path={tiny_vae}", "sample.num_sampling_steps=3"])
+    sampler = Sampler(model, cfg, 1.0, 0.3, keep_maps=True)
+    _, steps = generate(model, cfg, torch.tensor([1, 2]), sampler=sampler, progressive=True)
+    panels = chunking_panels(steps, sampler.records, cfg, num_samples=2, num_cols=3, rows=("kept",))
+    for j, k in enumerate(panels["steps"]):
+        kept = panels["kept"][j]                                                      # (n, 8, 8)
+        assert set(kept.flatten().tolist()) <= {0.0, 0.5, 1.0}
+        assert (kept == 1.0).reshape(2, -1).sum(1).tolist() == sampler.records[k]["kept"][:2].tolist()
+        assert ((kept > 0).reshape(2, -1).sum(1) == sampler.records[k]["kept0"][:2]).all()
