@@ -14,8 +14,9 @@ from models.flops import build_model, count_params, forward_flops
 
 SECTIONS = ("## Setup", "## Claims", "## Table 1 in miniature", "## Where the boundaries land",
             "## Compression vs timestep", "## Tail dropping", "## Differences from the paper's setting",
-            "## Wall times")
-FIGURES = ("samples.png", "boundary_maps.png", "enrichment.png", "compression_vs_t.png", "tail_drop.png")
+            "## Two stages", "## Wall times")
+FIGURES = ("samples.png", "boundary_maps.png", "enrichment.png", "compression_vs_t.png", "tail_drop.png",
+           "boundary_maps_two_stage.png")
 
 
 
@@ -23,7 +24,7 @@ FIGURES = ("samples.png", "boundary_maps.png", "enrichment.png", "compression_vs
 def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the four train.py children
     # Pixel features: the Inception path has its own tests (test_evaluations.py); here it would only add a minute.
-    res = reproduce.main_impl(["--out", str(tmp_path), "--quick", "--features", "pixels"])
+    res = reproduce.main_impl(["--out", str(tmp_path), "--quick", "--features", "pixels", "--two-stage"])
     report = (tmp_path / "REPORT.md").read_text()
     for section in SECTIONS:
         assert section in report, section
@@ -31,11 +32,11 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
         assert (tmp_path / name).stat().st_size > 1000, name
     assert "QUICK MODE" in report
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert set(saved["models"]) == {"dcdit", "random", "isoparam", "isoflop"}
+    assert set(saved["models"]) == {"dcdit", "random", "isoparam", "isoflop", "twostage"}
     assert [r["f"] for r in saved["tail_drop"]] == list(reproduce.FRACTIONS)
     for path, value in json_numbers({k: v for k, v in saved.items() if k != "enrichment"}):
         assert math.isfinite(value), path
-    for key in ("dcdit", "random", "isoparam", "isoflop"):
+    for key in ("dcdit", "random", "isoparam", "isoflop", "twostage"):
         m = saved["models"][key]
         assert m["fid"] >= 0 and m["tflops"] > 0 and m["params"] > 0
         assert f"{m['fid']:.2f} ± {m['fid_sd']:.2f}" in report  # the table shows what was measured
@@ -43,6 +44,12 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     t = [r["tflops"] for r in saved["tail_drop"]]
     assert t[0] > t[1] > t[2]
     assert saved["models"]["random"]["compression"] == pytest.approx(4.0)
+    # The two-stage model: each stage compresses (N = 2 each), the inner stage never keeps more than stage 0, and
+    # its boundaries are scored on their own.
+    c0, c1 = saved["compression"]["twostage_stage0"]["overall"], saved["compression"]["twostage"]["overall"]
+    assert 1.0 <= c0 <= c1 and saved["models"]["twostage"]["compression"] == c1
+    assert "stage1" in saved["enrichment"]["twostage"] and saved["two_stage"]["flops"] > 0
+    assert f"{c0:.2f} | {c1:.2f}" in report
     assert len(res["claims"]) == 6 and report.count("| **yes** |") + report.count("| **no** |") == 6
 
     # --rerender rewrites the same report from results.json alone.

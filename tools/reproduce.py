@@ -102,6 +102,25 @@ def matched_depths(dcdit_cfg, dit_cfg) -> dict:
             "isoparam": pick["params"]["depth"], "isoflop": pick["flops"]["depth"], "candidates": candidates}
 
 
+def two_stage_spec(dcdit_cfg) -> tuple:
+    """The two-stage model compared with the single-stage DC-DiT (N = 4): N = 2 then 2, with the inner depth and
+    stage-1 encoder/decoder depth (0 or 1 DiT block a side) whose forward FLOPs at (M0, M1) = (L/2, L/4) come
+    closest to the single-stage model's at M = L/4 -> (overrides, {depths, flops, single-stage flops})."""
+    single = build_model(dcdit_cfg)
+    L = single.grid[0] * single.grid[1]
+    target = quadratic(dcdit_flops_coeffs(single), round(L / dcdit_cfg.model.downsample_factor))
+    best = None
+    for side in (0, 1):
+        for depth in range(1, dcdit_cfg.model.depth + 1):
+            changes = {"downsample_factor": 2.0, "stage1_downsample_factor": 2.0, "stage1_encoder_depth": side,
+                       "stage1_decoder_depth": side, "depth": depth}
+            candidate = dataclasses.replace(dcdit_cfg, model=dataclasses.replace(dcdit_cfg.model, **changes))
+            flops = dcdit_flops_coeffs(build_model(candidate))(L // 2, L // 4)
+            if best is None or abs(flops - target) < abs(best[2] - target):
+                best = ([f"model.{k}={v}" for k, v in changes.items()], {"depth": depth, "stage1_depth": side}, flops)
+    return best[0], dict(best[1], flops=best[2], single_flops=target)
+
+
 def scaffold_share(cfg) -> float:
     """Share of a DC-DiT forward's FLOPs that does not scale with M (encoder, router, decoder...) at M = L/N."""
     dc = build_model(cfg)
@@ -109,14 +128,16 @@ def scaffold_share(cfg) -> float:
     return coeffs[0] / quadratic(coeffs, round(dc.grid[0] * dc.grid[1] / cfg.model.downsample_factor))
 
 
-def run_specs(depths: dict, plan: Plan, configs: tuple = (DCDIT_CONFIG, DIT_CONFIG), data: tuple = ()) -> dict:
-    """key -> (label, config, overrides) of the four training runs; `data` adds the latent space's data overrides."""
+def run_specs(depths: dict, plan: Plan, configs: tuple = (DCDIT_CONFIG, DIT_CONFIG), data: tuple = (),
+              two_stage: tuple = None) -> dict:
+    """key -> (label, config, overrides) of the four training runs; `data` adds the latent space's data overrides,
+    `two_stage` (overrides, info from two_stage_spec) a fifth run: the two-stage DC-DiT."""
     dcdit, dit = configs
     half = plan.steps // 2
     common = [f"train.max_steps={plan.steps}", f"train.ckpt_every={max(1, half)}", "train.log_every=100",
               f"sample.num_sampling_steps={plan.sampling_steps}", *data]
     budget = ["train.multi_budget=true", f"train.multi_budget_start_step={half}"]
-    return {
+    specs = {
         "dcdit": ("DC-DiT learned router", dcdit, common + budget),
         "random": ("DC-DiT random router", dcdit, common + budget + ["model.router=random"]),
         "isoparam": (f"DiT/2 isoparam (depth {depths['isoparam']})", dit,
@@ -124,6 +145,11 @@ def run_specs(depths: dict, plan: Plan, configs: tuple = (DCDIT_CONFIG, DIT_CONF
         "isoflop": (f"DiT/2 isoflop (depth {depths['isoflop']})", dit,
                     common + [f"model.depth={depths['isoflop']}"]),
     }
+    if two_stage is not None:
+        overrides, info = two_stage
+        specs["twostage"] = (f"DC-DiT two-stage N = 2 x 2 (inner depth {info['depth']})", dcdit,
+                             common + budget + list(overrides))
+    return specs
 
 
 def _run(cmd: list, what: str) -> None:
@@ -201,7 +227,7 @@ def sample_set(model, cfg, plan: Plan, tail_drop: float, desc: str, vae=None) ->
     -> images (n, H, W, 3) uint8, kept (steps, 2n) [cond; uncond] for a DC-DiT else None, t (steps,), seconds.
     """
     sampler = Sampler(model, cfg, cfg.sample.cfg_scale, tail_drop, keep_maps=False)
-    images, cond, uncond = [], [], []
+    images, cond, uncond, cond0, uncond0 = [], [], [], [], []
     start = time.perf_counter()
     for lo in tqdm(range(0, plan.n_samples, plan.chunk), desc=desc, unit="chunk"):
         idx = list(range(lo, min(lo + plan.chunk, plan.n_samples)))
@@ -213,9 +239,15 @@ def sample_set(model, cfg, plan: Plan, tail_drop: float, desc: str, vae=None) ->
             kept = torch.stack([r["kept"] for r in sampler.records]).numpy()       # (steps, 2b or b)
             cond.append(kept[:, :len(idx)])
             uncond.append(kept[:, len(idx):])
+            if "kept0" in sampler.records[0]:  # a two-stage model: stage 0's counts too
+                kept0 = torch.stack([r["kept0"] for r in sampler.records]).numpy()
+                cond0.append(kept0[:, :len(idx)])
+                uncond0.append(kept0[:, len(idx):])
     t = np.array([r["t"] for r in sampler.records])                                 # (steps,)
     kept = np.concatenate(cond + uncond, axis=1) if cond else None                  # (steps, rows)
-    return {"images": np.concatenate(images), "kept": kept, "t": t, "seconds": time.perf_counter() - start}
+    kept0 = np.concatenate(cond0 + uncond0, axis=1) if cond0 else None              # (steps, rows)
+    return {"images": np.concatenate(images), "kept": kept, "kept0": kept0, "t": t,
+            "seconds": time.perf_counter() - start}
 
 
 def features(net, images: np.ndarray, desc: str) -> np.ndarray:
@@ -231,10 +263,11 @@ def fid_with_spread(ref_stats, acts: np.ndarray, bootstraps: int) -> tuple:
     return float(fid), float(np.std(boots, ddof=1)) if len(boots) > 1 else float("nan")
 
 
-def tflops_per_image(model, kept, steps: int) -> float:
-    """Measured from the kept counts for a DC-DiT; a DiT costs the same every step (CFG doubles rows)."""
+def tflops_per_image(model, kept, steps: int, kept0=None) -> float:
+    """Measured from the kept counts for a DC-DiT (both stages' for a two-stage one); a DiT costs the same every
+    step (CFG doubles rows)."""
     if kept is not None:
-        return tflops_from_counts(dcdit_flops_coeffs(model), kept, cfg=True)
+        return tflops_from_counts(dcdit_flops_coeffs(model), kept if kept0 is None else (kept, kept0), cfg=True)
     return forward_flops(model) * steps * 2 / 1e12
 
 
@@ -246,7 +279,7 @@ def compression_by_step(kept: np.ndarray, t: np.ndarray, L: int) -> dict:
             "p90": np.percentile(ratio, 90, axis=1).tolist(), "overall": float(L / cond.mean())}
 
 
-def boundary_maps(model, cfg, plan: Plan, path: str, vae=None) -> dict:
+def boundary_maps(model, cfg, plan: Plan, path: str, vae=None, rows=("x0", "p")) -> dict:
     """Boundary maps of n_maps samples at every step; stroke enrichment P(kept | stroke) / P(kept | bg).
 
     Stroke pixels are those of the final image above mid-grey (> 0 in [-1, 1]); in latent space a token's cell
@@ -258,21 +291,27 @@ def boundary_maps(model, cfg, plan: Plan, path: str, vae=None) -> dict:
     images, steps = generate(model, cfg, torch.tensor(idx) % cfg.model.num_classes, seed=SEED, indices=idx,
                              sampler=sampler, progressive=True, vae=vae)          # (n, C_img, H_img, W_img)
     if path:
-        chunking_viz(steps, sampler.records, cfg, path, num_samples=min(4, plan.n_maps), vae=vae)
+        chunking_viz(steps, sampler.records, cfg, path, num_samples=min(4, plan.n_maps), vae=vae, rows=rows)
     f = images.shape[-1] // cfg.model.input_size                                   # pixels per token side
     ink = (images.float().mean(1, keepdim=True) > 0).float()                       # (n, 1, H_img, W_img)
     stroke = (torch.nn.functional.avg_pool2d(ink, f) >= 0.25).reshape(plan.n_maps, -1).cpu()  # (n, L) tokens
-    t, enrich, kept_stroke, kept_bg = [], [], [], []
-    for r in sampler.records:
-        mask = r["mask"][:plan.n_maps].bool()                                       # (n, L) cond rows
-        p_s = mask[stroke].float().mean().item()
-        p_b = mask[~stroke].float().mean().item()
-        t.append(r["t"])
-        kept_stroke.append(p_s)
-        kept_bg.append(p_b)
-        enrich.append(p_s / p_b if p_b > 0 else float("nan"))
-    return {"t": t, "enrichment": enrich, "p_kept_stroke": kept_stroke, "p_kept_background": kept_bg,
-            "stroke_share": float(stroke.float().mean())}
+    def enrichment_of(key: str) -> dict:
+        t, enrich, kept_stroke, kept_bg = [], [], [], []
+        for r in sampler.records:
+            mask = r[key][:plan.n_maps].bool()                                      # (n, L) cond rows
+            p_s = mask[stroke].float().mean().item()
+            p_b = mask[~stroke].float().mean().item()
+            t.append(r["t"])
+            kept_stroke.append(p_s)
+            kept_bg.append(p_b)
+            enrich.append(p_s / p_b if p_b > 0 else float("nan"))
+        return {"t": t, "enrichment": enrich, "p_kept_stroke": kept_stroke, "p_kept_background": kept_bg,
+                "stroke_share": float(stroke.float().mean())}
+
+    out = enrichment_of("mask")
+    if "mask1" in sampler.records[0]:  # a two-stage model: where its inner stage puts its boundaries
+        out["stage1"] = enrichment_of("mask1")
+    return out
 
 
 # ----------------------------------------------------------------------------- figures
@@ -377,6 +416,36 @@ def judge(res: dict) -> list:
     return claims
 
 
+def two_stage_section(res: dict) -> list:
+    """The two-stage DC-DiT against the single-stage one at matched FLOPs (empty without --two-stage)."""
+    if "twostage" not in res["models"]:
+        return []
+    info, m, single = res["two_stage"], res["models"]["twostage"], res["models"]["dcdit"]
+    c0, c1 = res["compression"]["twostage_stage0"], res["compression"]["twostage"]
+    rec = lambda r: f"{100 * r['recognised']:.1f}%" if "recognised" in r else "n/a"  # noqa: E731
+    lines = ["## Two stages", "",
+             f"A two-stage DC-DiT (`model.stage1_downsample_factor`: N = 2 on the tokens, then N = 2 on the chunks, "
+             f"{info['stage1_depth']} DiT block(s) per side of the inner stage, inner depth {info['depth']}) chosen so "
+             f"that its forward FLOPs at (M0, M1) = (L/2, L/4) ({info['flops'] / 1e6:.1f} MFLOPs) come closest to the "
+             f"single-stage model's at M = L/4 ({info['single_flops'] / 1e6:.1f} MFLOPs); same data, steps and "
+             "recipe, multi-budget training from the same step.", "",
+             "| model | params | GFLOPs/img (measured) | L/M0 (stage 0) | L/M (innermost) | FID | recognised |",
+             "|---|---:|---:|---:|---:|---:|---:|",
+             f"| {single['label']} | {single['params'] / 1e6:.3f}M | {1e3 * single['tflops']:.2f} | - | "
+             f"{single['compression']:.2f} | {single['fid']:.2f} ± {single['fid_sd']:.2f} | {rec(single)} |",
+             f"| {m['label']} | {m['params'] / 1e6:.3f}M | {1e3 * m['tflops']:.2f} | {c0['overall']:.2f} | "
+             f"{c1['overall']:.2f} | {m['fid']:.2f} ± {m['fid_sd']:.2f} | {rec(m)} |", "",
+             "Stroke enrichment of each stage's boundaries (as above; stage 1's kept chunks are drawn on the token "
+             "grid):", "", "| stage | t >= 750 | 250 <= t < 750 | t < 250 | all steps |", "|---|---:|---:|---:|---:|"]
+    e = res["enrichment"]["twostage"]
+    for name, row in (("stage 0 (tokens -> chunks)", e), ("stage 1 (chunks -> inner chunks)", e.get("stage1"))):
+        if row:
+            lines.append(f"| {name} | {_mean_where(row, 'enrichment', 750, 1000):.2f} | "
+                         f"{_mean_where(row, 'enrichment', 250, 750):.2f} | {_mean_where(row, 'enrichment', 0, 250):.2f}"
+                         f" | {float(np.nanmean(row['enrichment'])):.2f} |")
+    return lines + ["", "![two-stage boundary maps](boundary_maps_two_stage.png)", ""]
+
+
 def write_report(res: dict, out: str) -> str:
     p = res["plan"]
     latent = res.get("space", "pixel") == "latent"
@@ -472,7 +541,7 @@ def write_report(res: dict, out: str) -> str:
     for r in res["tail_drop"]:
         lines.append(f"| {r['f']:g} | {1e3 * r['tflops']:.2f} | {r['tflops'] / base:.3f} | {r['compression']:.2f} | "
                      f"{r['fid']:.2f} ± {r['fid_sd']:.2f} | {rec(r)} |")
-    lines += ["", "![tail drop](tail_drop.png)", "", "## Differences from the paper's setting", "",
+    lines += ["", "![tail drop](tail_drop.png)", ""] + two_stage_section(res) + ["## Differences from the paper's setting", "",
               (f"- MNIST digits as {res['input_size']} x {res['input_size']} x 4 latents of a small autoencoder "
                f"instead of ImageNet 256 SD-VAE latents; a " if latent else
                f"- MNIST at {res['input_size']} x {res['input_size']} in pixel space instead of ImageNet 256 latents; a ") +
@@ -545,6 +614,9 @@ def main_impl(argv=None) -> dict:
     parser.add_argument("--space", choices=("pixel", "latent"), default="pixel",
                         help="pixel: the digits at 16 x 16, no autoencoder; latent: 16 x 16 x 4 latents of a small "
                              "AutoencoderKL trained here (the paper's setting in miniature)")
+    parser.add_argument("--two-stage", action="store_true",
+                        help="also train and score a two-stage DC-DiT (N = 2 then 2) whose forward FLOPs match the "
+                             "single-stage model's at M = L/4")
     parser.add_argument("--rerender", action="store_true",
                         help="only rewrite OUT/REPORT.md from the numbers in OUT/results.json (after a change to the "
                              "report's wording; nothing is trained, sampled or scored)")
@@ -568,10 +640,11 @@ def main_impl(argv=None) -> dict:
         phases["autoencoder and features"] = time.perf_counter() - start
     dcdit_cfg, dit_cfg = (load_config(os.path.join(ROOT, c), data) for c in configs)
     depths = matched_depths(dcdit_cfg, dit_cfg)
-    specs = run_specs(depths, plan, configs, data)
+    two_stage = two_stage_spec(dcdit_cfg) if args.two_stage else None
+    specs = run_specs(depths, plan, configs, data, two_stage)
     start = time.perf_counter()
     trained = {k: train(k, cfg, ov, work, plan) for k, (_, cfg, ov) in specs.items()}
-    phases["training (4 models)"] = time.perf_counter() - start
+    phases[f"training ({len(specs)} models)"] = time.perf_counter() - start
 
     start = time.perf_counter()
     try:
@@ -605,7 +678,7 @@ def main_impl(argv=None) -> dict:
             phases[f"FID {key} f={f:g}"] = time.perf_counter() - start
             ratio = compression_by_step(s["kept"], s["t"], L) if s["kept"] is not None else None
             labels = np.arange(plan.n_samples) % cfg.model.num_classes
-            row = {"f": f, "tflops": tflops_per_image(model, s["kept"], plan.sampling_steps), "fid": fid,
+            row = {"f": f, "tflops": tflops_per_image(model, s["kept"], plan.sampling_steps, s["kept0"]), "fid": fid,
                    "fid_sd": fid_sd, "compression": ratio["overall"] if ratio else float(model.patch_size ** 2),
                    "recognised": recognised(classifier, s["images"], labels)}
             if f == 0.0:
@@ -615,11 +688,15 @@ def main_impl(argv=None) -> dict:
                                    ckpt=os.path.relpath(trained[key]["ckpt"], out))
                 if ratio:
                     compression[key] = ratio
+                if s["kept0"] is not None:  # a two-stage model: stage 0's compression L/M0 too
+                    compression[f"{key}_stage0"] = compression_by_step(s["kept0"], s["t"], L)
             if key == "dcdit":
                 tail.append(row)
-        if key in ("dcdit", "random"):
+        if key in ("dcdit", "random", "twostage"):
             start = time.perf_counter()
-            enrichment[key] = boundary_maps(model, cfg, plan, viz_path if key == "dcdit" else "", vae=vae)
+            path = {"dcdit": viz_path, "twostage": os.path.join(out, "boundary_maps_two_stage.png")}.get(key, "")
+            rows = ("x0", "p", "kept") if key == "twostage" else ("x0", "p")
+            enrichment[key] = boundary_maps(model, cfg, plan, path, vae=vae, rows=rows)
             enrichment[key]["n"] = plan.n_maps
             phases[f"boundary maps {key}"] = time.perf_counter() - start
 
@@ -635,13 +712,15 @@ def main_impl(argv=None) -> dict:
            "classifier_accuracy": classifier_accuracy, "space": args.space, "autoencoder": autoencoder,
            "configs": list(configs), "models": models, "compression": compression,
            "enrichment": enrichment, "tail_drop": tail, "phases": phases, "recipe": recipe,
+           "two_stage": two_stage[1] if two_stage else None,
            "input_size": dcdit_cfg.model.input_size,
            "inner": {"depth": dcdit_cfg.model.depth, "width": dcdit_cfg.model.hidden_size}, "scaffold_share": scaffold_share(dcdit_cfg),
            "scaffold_share_B": scaffold_share(load_config(os.path.join(ROOT, PAPER_CONFIG)))}
     res["claims"] = judge(res)
 
     plot_samples(sets, os.path.join(out, "samples.png"))
-    plot_compression({specs[k][0]: v for k, v in compression.items()}, 4.0, os.path.join(out, "compression_vs_t.png"))
+    plot_compression({specs[k][0]: v for k, v in compression.items() if k in specs}, 4.0,
+                     os.path.join(out, "compression_vs_t.png"))
     plot_enrichment({specs[k][0]: v for k, v in enrichment.items()}, os.path.join(out, "enrichment.png"))
     plot_tail_drop(tail, os.path.join(out, "tail_drop.png"))
     res["total_seconds"] = time.perf_counter() - t0
