@@ -219,6 +219,11 @@ def packed_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     return _cpu_attention_op(q, k, v, cu_seqlens)[0]                      # (T, H, Dh)
 
 
+# torch.compile runs this function eagerly (one graph break per attention layer): compiled autograd in PyTorch 2.11
+# fails on the jagged tensor's gradient in the backward (its tangent carries one metadata field more than the traced
+# one), while eager autograd through nested tensors is exact. Only fp32 on a GPU comes here; bf16/fp16 training uses
+# the varlen kernels above, which compile.
+@torch.compiler.disable
 def _jagged_attention(q, k, v, layout: TokenLayout) -> torch.Tensor:
     """q, k, v (T, H, Dh) -> (T, H, Dh) through jagged nested tensors and SDPA: the GPU path for dtypes the varlen
     kernels do not take. It runs on the CPU as well (unfused), which is how its offsets are tested."""

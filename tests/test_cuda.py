@@ -143,7 +143,16 @@ def test_bf16_training_step_keeps_routing_in_fp32_and_reaches_the_router():
     assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
-def test_a_sample_does_not_depend_on_its_batch():
+@pytest.fixture
+def full_fp32():
+    """No TF32 in matmuls or convolutions (cuDNN allows it by default): its rounding depends on the GEMM's shape."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_a_sample_does_not_depend_on_its_batch(full_fp32):
     model, cfg = _model_and_cfg()
     model.eval()
     x, t, y = _batch(cfg, 6, seed=1)
@@ -219,10 +228,11 @@ def test_sample_ddp_gives_the_same_images_for_other_batch_sizes(latent_checkpoin
         out = tmp_path / f"b{batch}"
         sample_ddp.main(["--ckpt", latent_checkpoint, "--output-dir", str(out), "--num-fid-samples", "5",
                          "--per-proc-batch-size", str(batch), "--num-sampling-steps", "4", "--device", DEVICE,
-                         "--vae-path", tiny_vae, "--tail-dropping-fraction", "0.2"])
+                         "--vae-path", tiny_vae, "--tail-dropping-fraction", "0.2", "--no-tf32"])
         images.append(np.load(f"{out}.npz")["arr_0"].astype(np.int16))
     diff = np.abs(images[0] - images[1])
-    # Batch-size-dependent GEMM tiling may move a value across a rounding boundary: at most 1 of 255, rarely.
+    # In fp32 (--no-tf32), batch-size-dependent GEMM tiling may move a value across a rounding boundary: at most
+    # 1 of 255, rarely. With TF32 (sample_ddp's default, as DiT's) about 2% of pixels move by 1.
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
 
 

@@ -651,6 +651,14 @@ def memory_section(suite: Suite, batch: Batch, args) -> dict:
     groups = [list(jobs)] if side_by_side else [[k] for k in jobs]
     env = dict(os.environ, OMP_NUM_THREADS="1") if side_by_side else None
     out = dict(method=method)
+    if suite.device.type == "cuda":
+        # The children share the GPU with this process: hand back its AdamW state, gradients and cached blocks
+        # (the next step rebuilds the state), else an XL child runs out of memory beside three XL models.
+        for c in suite.contenders.values():
+            c.optimizer.state.clear()
+            c.model.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
     for group in groups:
         procs = {k: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(jobs[k])],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
