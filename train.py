@@ -219,6 +219,14 @@ def use_deterministic_kernels() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def use_tf32_matmuls(enabled: bool) -> None:
+    """train.tf32: fp32 matmuls on CUDA through TF32 tensor cores. What runs in fp32 under bf16 autocast is the
+    router's arithmetic (§3.3) and de-chunking (§3.4); the cosine router's q/k projection over all L tokens is the
+    largest of it, and off TF32 it runs as SIMT fp32 GEMMs (docs/performance.md, Results (CUDA)). Off by default,
+    as the authors' training script; DiT's turns it on. cuDNN's own TF32 switch (on by default) is left alone."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+
+
 # ----------------------------------------------------------------------------- the run
 
 @dataclass
@@ -334,6 +342,7 @@ def prepare_run(args) -> Run:
     tc = cfg.train
     if tc.deterministic:
         use_deterministic_kernels()
+    use_tf32_matmuls(tc.tf32)
     accelerator = make_accelerator(cfg)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if tc.global_batch_size % (world * tc.grad_accum_steps):

@@ -7,9 +7,9 @@
 # Before a GPU window, on a machine with internet: `bash scripts/gpu_wheels.sh` fills .whl/ with the wheels the
 # GPU image lacks (diffusers, torch-fidelity); carry .whl along with the repository. Writes OUT_DIR/gpu_check.log,
 # OUT_DIR/pytest.xml, OUT_DIR/bench.json and OUT_DIR/bench_compile.json. Time on one H100, by the limits each
-# step runs under: CUDA tests at most 4.5 minutes (3.5 measured, 2 of them Inductor compiling), benchmark (B and XL
-# at batch 32 in bf16) 3.5 (1.7 measured without the memory children), compile (B: DC-DiT and DiT, Inductor) 4;
-# about 12 minutes in all once the machine is up, plus its start. Exit code 0 only when every step passed.
+# step runs under: CUDA tests at most 2.8 minutes (about 2.3 expected), benchmark (B and XL at batch 32 in bf16)
+# 3.5 (about 2.7), compile (DC-DiT-B through Inductor) 2; about 7 minutes expected once the machine is up, plus its
+# start, and at most 8.6 by the limits. Exit code 0 only when every step passed.
 set -uo pipefail
 MODE=gpu
 if [ "${1:-}" = "--dry" ]; then MODE=dry; shift; fi
@@ -63,18 +63,19 @@ if [ "$MODE" = dry ]; then
   export DCDIT_GPU_TEST_DEVICE=cpu
   SELECT=(-k "packed_backend or bf16_training or its_batch")
 fi
-step cuda-tests timeout 270 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py "${SELECT[@]}" \
+step cuda-tests timeout 170 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py "${SELECT[@]}" \
   --junitxml "$OUT/pytest.xml"
 
 # 3. The benchmark on the device, with the GPU targets' verdicts, as JSON.
-# Each step has a time limit, so one hung kernel cannot eat the GPU window: the script ends in under 8 minutes.
+# Each step has a time limit, so one hung kernel cannot eat the GPU window.
 if [ "$MODE" = dry ]; then
   step bench timeout 300 "$PY" tools/bench.py --tiny --batch 2 --repeats 1 --warmup 0 --device cpu \
     --sections train packed --json "$OUT/bench.json"
 else
   step bench timeout 210 "$PY" tools/bench.py --sizes B XL --batch 32 --repeats 3 \
-    --sections train sample shares packed memory elastic lite_cfg --json "$OUT/bench.json"
-  step bench-compile timeout 240 "$PY" tools/bench.py --sizes B --batch 32 --repeats 3 --sections compile \
+    --sections train sample shares packed memory tf32 elastic lite_cfg --json "$OUT/bench.json"
+  step bench-compile timeout 120 "$PY" tools/bench.py --sizes B --batch 32 --repeats 3 --sections compile \
+    --compile-models dcdit \
     --json "$OUT/bench_compile.json"
 fi
 

@@ -34,8 +34,8 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_measures_every_default_section(tiny_run):
     run, stdout = tiny_run
     res = run["results"]["tiny"]["2"]
-    assert set(res) == DEFAULT_CPU_SECTIONS  # compile only with --compile on CPU
-    assert set(bench.SECTIONS) == DEFAULT_CPU_SECTIONS | {"compile"}
+    assert set(res) == DEFAULT_CPU_SECTIONS  # compile only with --compile on CPU, tf32 only when named
+    assert set(bench.SECTIONS) == DEFAULT_CPU_SECTIONS | set(bench.CUDA_DEFAULT_ONLY)
     bad = [(p, v) for p, v in json_numbers(run) if not math.isfinite(v)]
     assert not bad, bad
 
@@ -347,3 +347,23 @@ def test_child_peak_memory_is_its_own():
     child = int(subprocess.run([sys.executable, "-c", code], cwd=bench.ROOT, capture_output=True, text=True,
                                check=True).stdout.split()[-1])
     assert child < bench._max_rss() - big.numel() * 2
+
+
+def test_tf32_section_times_both_settings_and_restores_the_flag(tmp_path, monkeypatch):
+    seen = []
+    real_step = bench.train_step
+
+    def recording_step(*a, **kw):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(bench, "train_step", recording_step)
+    before = torch.backends.cuda.matmul.allow_tf32
+    run, stdout = run_bench(tmp_path / "bench.json", "--sections", "tf32")
+    res = run["results"]["tiny"]["2"]["tf32"]
+    assert set(res["tf32_over_fp32"]) == {"dcdit", "public"}
+    assert all(math.isfinite(v) and v > 0 for v in res["tf32_over_fp32"].values())
+    assert set(res["times"]) == {"dcdit fp32", "dcdit tf32", "public fp32", "public tf32"}
+    assert seen.count(True) == seen.count(False) == 2  # each model once per setting (1 repeat, no warmup)
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    assert "TF32 / full fp32 matmuls" in stdout

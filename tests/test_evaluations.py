@@ -442,3 +442,18 @@ def test_digit_classifier_input_and_recognition_share():
             return logits
 
     assert recognised(Three(), np.zeros((20, 16, 16, 3), np.uint8), np.arange(20) % 10) == pytest.approx(0.1)
+
+
+def test_pixel_features_pass_16px_through_and_average_larger_digits_to_16px():
+    from evaluations.inception import PixelFeatures
+    rng = np.random.default_rng(0)
+    small = torch.from_numpy(rng.integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8))
+    feats, same, logits = PixelFeatures()(small)
+    assert logits is None and feats is same
+    torch.testing.assert_close(feats, small[..., 0].reshape(3, -1).float() / 255.0)  # unchanged at 16 x 16
+    big = torch.from_numpy(rng.integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8))
+    feats = PixelFeatures()(big)[0]
+    assert feats.shape == (2, 256)
+    # Each feature is the mean of its 4 x 4 block of the first channel: here the block at row 1, column 2.
+    block = big[0, 4:8, 8:12, 0].float().mean() / 255.0
+    torch.testing.assert_close(feats[0, 1 * 16 + 2], block)

@@ -113,3 +113,25 @@ def test_pixel_fallback_is_labelled():
     images[1] = 255
     pool, _, logits = net(images)
     assert pool.shape == (3, 256) and logits is None and float(pool[1].min()) == 1.0
+
+
+def test_quick_latent_pipeline_end_to_end(tmp_path, monkeypatch):
+    """--space latent: a diffusers AutoencoderKL trained here -> extract_features.py -> train.py on its latents ->
+    samples decoded by it -> scored; the geometry the features folder records is what training used."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    reproduce.main_impl(["--out", str(tmp_path), "--quick", "--space", "latent", "--features", "pixels"])
+    work = tmp_path / "work"
+    ae = json.loads((work / "autoencoder" / "config.json").read_text())
+    assert ae["_class_name"] == "AutoencoderKL" and ae["latent_channels"] == 4
+    record = json.loads((work / "features" / "imagenet64_features" / "latents.json").read_text())
+    assert record["downsample"] == 4 and record["scaling_factor"] == pytest.approx(ae["scaling_factor"])
+    assert len(list((work / "features" / "imagenet64_features").glob("*.npy"))) == reproduce.QUICK.n_latents
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["space"] == "latent" and saved["input_size"] == 16
+    assert saved["autoencoder"]["latents"]["latent_channels"] == 4 and saved["autoencoder"]["psnr_db"] > 0
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "in latent space" in report and f"PSNR {saved['autoencoder']['psnr_db']:.2f} dB" in report
+    # Every model trained on the latents with the autoencoder that made them.
+    for m in saved["models"].values():
+        assert f"data.vae_path={work / 'autoencoder'}" in m["command"]
+        assert 0.0 <= m["recognised"] <= 1.0 and math.isfinite(m["fid"])

@@ -211,3 +211,16 @@ def test_a_non_default_scaffold_trains_and_resumes_exactly(feature_dir, tmp_path
     assert [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)]
     ck = torch.load(os.path.join(run_b, "checkpoints", "0000004.pt"), weights_only=True)
     assert any(k.startswith("encoder.blocks.1.block.attn") for k in ck["model"])
+
+
+def test_train_tf32_sets_the_matmul_flag_and_defaults_off():
+    import train
+    from config import TrainConfig
+    assert TrainConfig().tf32 is False  # the authors' training script leaves TF32 off
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for enabled in (True, False):
+            train.use_tf32_matmuls(enabled)
+            assert torch.backends.cuda.matmul.allow_tf32 is enabled
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved

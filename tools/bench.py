@@ -10,6 +10,8 @@ Sections (docs/performance.md gives each protocol in full):
   packed    packed vs padded attention layout with equal and with widely varying kept counts per sample.
   memory    peak memory of one training step of each model, each in a fresh process.
   compile   torch.compile(dynamic=True) against eager, with the graph breaks it finds.
+  tf32      training steps of DC-DiT and the public DiT with fp32 matmuls in full fp32 against TF32 (train.tf32):
+            under bf16 autocast only the router's and de-chunking's fp32 arithmetic changes.
   elastic   tail dropping over --fractions, with the router of a trained --ckpt when given.
   lite_cfg  Lite-CFG (the unconditional half drops --uncond-fraction of its tokens) against plain CFG.
   dydit     DyDiT's gates (§4.5) on the DC-DiT: fixed gate patterns (or a --ckpt's own gates) against no gates.
@@ -59,7 +61,8 @@ from models.routing import keep_exactly, ratio_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where configs/ lives
 
-SECTIONS = ("train", "sample", "shares", "packed", "memory", "compile", "elastic", "lite_cfg", "dydit")
+SECTIONS = ("train", "sample", "shares", "packed", "memory", "compile", "tf32", "elastic", "lite_cfg", "dydit")
+CUDA_DEFAULT_ONLY = ("compile", "tf32")  # in the default sections on CUDA only (compile: minutes on a CPU; tf32: no-op)
 SIZES = ("tiny", "S", "B", "L", "XL")
 TAIL_DROPS = (0.0, 0.3, 0.6)             # the sample section's fractions; its target is at 0.6
 ELASTIC_FRACTIONS = (0.0, 0.3, 0.6, 0.9)  # the elastic section's default --fractions
@@ -761,7 +764,7 @@ def compile_one(suite: Suite, key: str, batch: Batch, args) -> dict:
 
 def compile_section(suite: Suite, batch: Batch, args) -> dict:
     with keep_exactly(suite.dc, suite.kept):  # the override is in place before compiling, so it is traced
-        out = {k: compile_one(suite, k, batch, args) for k in ("dcdit", "iso")}
+        out = {k: compile_one(suite, k, batch, args) for k in args.compile_models}
     for k, res in out.items():
         ex = res["explain"]
         if "error" in ex or ex["breaks"]:
@@ -770,6 +773,31 @@ def compile_section(suite: Suite, batch: Batch, args) -> dict:
                 print(f"    break at {reason}")
     torch._dynamo.reset()
     return out
+
+
+# -- tf32: the fp32 matmuls in full fp32 against TF32 ----------------------------------------------------
+
+def with_tf32(fn: Callable[[], None], enabled: bool) -> Callable[[], None]:
+    """fn run with torch.backends.cuda.matmul.allow_tf32 = enabled, the previous value restored after."""
+    def run():
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        try:
+            fn()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+    return run
+
+
+def tf32_section(suite: Suite, batch: Batch, args) -> dict:
+    jobs = {}
+    for k in ("dcdit", "public"):
+        step = step_fn(suite, k, batch, True)
+        jobs[f"{k} fp32"], jobs[f"{k} tf32"] = with_tf32(step, False), with_tf32(step, True)
+    with keep_exactly(suite.dc, suite.kept):
+        med = measure(jobs, args.repeats, args.warmup, suite.device, "tf32")
+    return dict(times=med, tf32_over_fp32={k: med[f"{k} tf32"]["median_s"] / med[f"{k} fp32"]["median_s"]
+                                           for k in ("dcdit", "public")})
 
 
 # -- elastic, lite_cfg, dydit: sampling steps -------------------------------------------------------
@@ -910,7 +938,7 @@ def dydit_section(suite: Suite, batch: Batch, args) -> dict:
 
 
 SECTION_FNS = dict(train=train_section, sample=sample_section, shares=shares_section, packed=packed_section,
-                   memory=memory_section, compile=compile_section, elastic=elastic_section,
+                   memory=memory_section, compile=compile_section, tf32=tf32_section, elastic=elastic_section,
                    lite_cfg=lite_cfg_section, dydit=dydit_section)
 
 
@@ -1044,8 +1072,13 @@ def dydit_rows(suite: Suite, r: dict) -> List[Row]:
                 f"{row['time_ratio']:.3f}") for name, row in r["rows"].items() if name != "DC-DiT (no gates)"]
 
 
+def tf32_rows(suite: Suite, r: dict) -> List[Row]:
+    return [Row(f"train step time, TF32 / full fp32 matmuls: {suite.contenders[k].label}", f"{v:.3f}")
+            for k, v in r["tf32_over_fp32"].items()]
+
+
 ROW_FNS = dict(train=train_rows, sample=sample_rows, shares=shares_rows, packed=packed_rows, memory=memory_rows,
-               compile=compile_rows, elastic=elastic_rows, lite_cfg=lite_cfg_rows, dydit=dydit_rows)
+               compile=compile_rows, tf32=tf32_rows, elastic=elastic_rows, lite_cfg=lite_cfg_rows, dydit=dydit_rows)
 
 
 def print_table(rows: List[Row]) -> None:
@@ -1072,6 +1105,10 @@ def parse_args(argv=None):
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=None,
                         help="default: all but compile on CPU (add it with --compile), all on CUDA")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile section")
+    parser.add_argument("--tf32", action="store_true",
+                        help="TF32 for fp32 matmuls on CUDA, as train.tf32=true (the fp32 router and de-chunking)")
+    parser.add_argument("--compile-models", nargs="+", choices=("dcdit", "iso"), default=["dcdit", "iso"],
+                        help="which models the compile section compiles (default both; Inductor takes minutes each)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every measured number as JSON")
     parser.add_argument("--ckpt", default="", metavar="PATH",
@@ -1102,7 +1139,8 @@ def parse_args(argv=None):
     if not 0.0 < args.dydit_target <= 1.0:
         raise BenchError(f"--dydit-target must lie in (0, 1], got {args.dydit_target}")
     if args.sections is None:
-        args.sections = [s for s in SECTIONS if s != "compile" or device.type == "cuda" or args.compile]
+        args.sections = [s for s in SECTIONS if s not in CUDA_DEFAULT_ONLY or device.type == "cuda"
+                         or (s == "compile" and args.compile)]
     elif args.compile and "compile" not in args.sections:
         args.sections.append("compile")
     if args.ckpt and not {"elastic", "dydit"} & set(args.sections):
@@ -1117,8 +1155,10 @@ def parse_args(argv=None):
 
 def run(args) -> dict:
     device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32  # train.tf32; the tf32 section sets it per job
+    precision = ("bf16 autocast" + (", TF32 matmuls" if args.tf32 else "")) if device.type == "cuda" else "fp32"
     results = dict(meta=dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
-                             precision="bf16 autocast" if device.type == "cuda" else "fp32", sizes=args.sizes,
+                             precision=precision, sizes=args.sizes,
                              batch=args.batch, repeats=args.repeats, warmup=args.warmup, sections=args.sections,
                              ckpt=args.ckpt or None, release=RELEASE,
                              targets="cuda" if device.type == "cuda" else "cpu"),

@@ -73,11 +73,13 @@ class Plan:
     bootstraps: int       # FID resamples for the spread
     chunk: int            # images sampled per batch
     ae_steps: int = 6000  # autoencoder training steps (--space latent)
+    n_latents: int = 5000  # digits encoded into the training features (--space latent)
 
 
 FULL = Plan(steps=2000, sampling_steps=50, n_samples=500, n_ref=1000, n_maps=64, bootstraps=BOOTSTRAPS, chunk=250)
 FULL_LATENT = dataclasses.replace(FULL, steps=4000)  # latents are harder to fit than 16 x 16 pixels
-QUICK = Plan(steps=12, sampling_steps=4, n_samples=16, n_ref=24, n_maps=4, bootstraps=2, chunk=16, ae_steps=20)
+QUICK = Plan(steps=12, sampling_steps=4, n_samples=16, n_ref=24, n_maps=4, bootstraps=2, chunk=16, ae_steps=20,
+             n_latents=64)
 
 
 class ReproduceError(RuntimeError):
@@ -165,10 +167,11 @@ def prepare_latent(work: str, plan: Plan) -> tuple:
     report_path = os.path.join(ae, "report.json")
     if not os.path.isfile(report_path):
         _run([sys.executable, os.path.join(ROOT, "tools", "train_autoencoder.py"), "--out", ae, "--steps",
-              str(plan.ae_steps), "--export-images", images, "--features", "pixels" if plan.steps < 100 else "auto"],
+              str(plan.ae_steps), "--export-images", images, "--export-limit", str(plan.n_latents),
+              "--features", "pixels" if plan.steps < 100 else "auto"],
              "autoencoder")
     record = os.path.join(features, f"imagenet{LATENT_IMAGE_SIZE}_features", "latents.json")
-    done = os.path.join(features, f"imagenet{LATENT_IMAGE_SIZE}_features", "4999.npy")
+    done = os.path.join(features, f"imagenet{LATENT_IMAGE_SIZE}_features", f"{plan.n_latents - 1}.npy")
     if not (os.path.isfile(record) and os.path.isfile(done)):
         # No flip: a mirrored 2 or 3 is not a digit (Fast-DiT's ImageNet augmentation does not apply here).
         _run([sys.executable, os.path.join(ROOT, "extract_features.py"), "--data-path", images, "--features-path",

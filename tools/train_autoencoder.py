@@ -143,8 +143,10 @@ def main(argv=None):
     parser.add_argument("--features", choices=("auto", "inception", "pixels"), default="auto",
                         help="FID features of the report (auto: Inception when its weights are installed)")
     parser.add_argument("--export-images", default=None, metavar="DIR", help="also write the digits as an ImageFolder")
+    parser.add_argument("--export-limit", type=int, default=None, metavar="N",
+                        help="export only the first N digits (a smoke test's feature folder)")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch", "ckpt_every"):
+    for name in ("steps", "batch", "ckpt_every") + (("export_limit",) if args.export_limit is not None else ()):
         if getattr(args, name) < 1:
             raise AutoencoderError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
     os.makedirs(args.out, exist_ok=True)
@@ -162,6 +164,7 @@ def main(argv=None):
     print(f"saved {args.out}: latents {tuple(result['latent_shape'])}, scaling factor {result['scaling_factor']:.4f}; "
           f"held-out reconstruction PSNR {result['psnr_db']:.2f} dB, FID {result['fid']:.2f} ({result['fid_features']})")
     if args.export_images:
+        images, labels = images[:args.export_limit], labels[:args.export_limit]
         export_images(args.export_images, images, labels)
         print(f"wrote {len(images)} digits to {args.export_images} (an ImageFolder for extract_features.py)")
 
