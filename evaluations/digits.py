@@ -68,17 +68,19 @@ def train_classifier(epochs: int = 6, seed: int = 0) -> tuple:
     return net, accuracy
 
 
-def load_classifier(cache: str) -> tuple:
-    """The classifier of `cache` (a state dict + its held-out accuracy), trained and cached when missing."""
+def load_classifier(cache: str, epochs: int = 6) -> tuple:
+    """The classifier of `cache` (a state dict + its held-out accuracy), trained for `epochs` and cached when
+    missing or trained for another number of epochs."""
     if os.path.isfile(cache):
         saved = torch.load(cache, map_location="cpu", weights_only=True)
-        net = DigitNet()
-        net.load_state_dict(saved["model"])
-        return net.eval(), float(saved["accuracy"])
-    net, accuracy = train_classifier()
+        if int(saved.get("epochs", 6)) == epochs:
+            net = DigitNet()
+            net.load_state_dict(saved["model"])
+            return net.eval(), float(saved["accuracy"])
+    net, accuracy = train_classifier(epochs=epochs)
     from fileio import atomic_save
     os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-    atomic_save({"model": net.state_dict(), "accuracy": accuracy}, cache)
+    atomic_save({"model": net.state_dict(), "accuracy": accuracy, "epochs": epochs}, cache)
     return net, accuracy
 
 

@@ -74,12 +74,13 @@ class Plan:
     chunk: int            # images sampled per batch
     ae_steps: int = 6000  # autoencoder training steps (--space latent)
     n_latents: int = 5000  # digits encoded into the training features (--space latent)
+    classifier_epochs: int = 6  # the digit classifier's training (evaluations/digits.py)
 
 
 FULL = Plan(steps=2000, sampling_steps=50, n_samples=500, n_ref=1000, n_maps=64, bootstraps=BOOTSTRAPS, chunk=250)
 FULL_LATENT = dataclasses.replace(FULL, steps=4000)  # latents are harder to fit than 16 x 16 pixels
 QUICK = Plan(steps=12, sampling_steps=4, n_samples=16, n_ref=24, n_maps=4, bootstraps=2, chunk=16, ae_steps=20,
-             n_latents=64)
+             n_latents=64, classifier_epochs=1)
 
 
 class ReproduceError(RuntimeError):
@@ -659,7 +660,8 @@ def main_impl(argv=None) -> dict:
     ref_stats = gaussian_statistics(features(net, real_digits(args.space, perm[:plan.n_ref], size), "reference"))
     floor_images = real_digits(args.space, perm[plan.n_ref:plan.n_ref + plan.n_samples], size)
     floor_fid, floor_sd = fid_with_spread(ref_stats, features(net, floor_images, "floor"), plan.bootstraps)
-    classifier, classifier_accuracy = load_classifier(os.path.join(work, "digit_classifier.pt"))
+    classifier, classifier_accuracy = load_classifier(os.path.join(work, "digit_classifier.pt"),
+                                                      plan.classifier_epochs)
     floor_recognised = recognised(classifier, floor_images,
                                   DigitsDataset().labels[perm[plan.n_ref:plan.n_ref + plan.n_samples]].numpy())
     phases["reference features"] = time.perf_counter() - start
