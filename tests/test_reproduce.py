@@ -13,7 +13,8 @@ from tools import reproduce
 from models.flops import build_model, count_params, forward_flops
 
 SECTIONS = ("## Setup", "## Claims", "## Table 1 in miniature", "## Where the boundaries land",
-            "## Compression vs timestep", "## Tail dropping", "## Differences from the paper's setting",
+            "## Same noise, same images?", "## Compression vs timestep", "## Tail dropping",
+            "## Differences from the paper's setting",
             "## Two stages", "## Wall times")
 FIGURES = ("samples.png", "boundary_maps.png", "enrichment.png", "compression_vs_t.png", "tail_drop.png",
            "boundary_maps_two_stage.png")
@@ -51,6 +52,11 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     assert "stage1" in saved["enrichment"]["twostage"] and saved["two_stage"]["flops"] > 0
     assert f"{c0:.2f} | {c1:.2f}" in report
     assert len(res["claims"]) == 6 and report.count("| **yes** |") + report.count("| **no** |") == 6
+    # The same-seed diagnostics: every pair measured, the zero-output reference scored, the baseline bar judged.
+    assert set(saved["agreement"]) == {f"{a} vs {b}" for a, b in reproduce.AGREEMENT_PAIRS}
+    assert all(0 <= a["mean_abs"] <= 255 and -1 <= a["corr"] <= 1 for a in saved["agreement"].values())
+    assert saved["zero_output"]["fid"] >= 0 and "output layer zeroed" in report
+    assert "Baseline bar:" in report and ("**met**" in report or "**not met**" in report)
 
     # --rerender rewrites the same report from results.json alone.
     (tmp_path / "REPORT.md").unlink()
@@ -135,3 +141,25 @@ def test_quick_latent_pipeline_end_to_end(tmp_path, monkeypatch):
     for m in saved["models"].values():
         assert f"data.vae_path={work / 'autoencoder'}" in m["command"]
         assert 0.0 <= m["recognised"] <= 1.0 and math.isfinite(m["fid"])
+
+
+def test_agreement_and_the_zero_output_reference():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
+    assert reproduce.agreement(a, a) == {"mean_abs": 0.0, "corr": pytest.approx(1.0)}
+    b = 255 - a
+    assert reproduce.agreement(a, b)["corr"] == pytest.approx(-1.0)
+    assert reproduce.agreement(a, b)["mean_abs"] == pytest.approx(np.abs(a.astype(float) - b).mean())
+    import torch
+    from models import create_model
+    cfg = load_config(os.path.join(reproduce.ROOT, reproduce.DIT_CONFIG))
+    model = create_model(cfg.model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # a trained-looking network whose output is not zero
+        x = torch.randn(2, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+        t, y = torch.tensor([10, 900]), torch.tensor([1, 2])
+        assert model(x, t, y).abs().max() > 0
+        zero = reproduce.zero_output(model)
+        assert torch.equal(zero(x, t, y), torch.zeros_like(model(x, t, y)))
+        assert model(x, t, y).abs().max() > 0  # the original is untouched

@@ -24,6 +24,7 @@ A rerun skips the runs already trained and resumes a half-finished one, so a cra
 checkpoint interval. Every number in the report is computed by this script from the runs it just did.
 """
 import argparse
+import copy
 import dataclasses
 import glob
 import json
@@ -60,6 +61,10 @@ PAPER_CONFIG = "configs/DCDiT-B-N4.yaml"  # only to put the tiny model's scaffol
 FRACTIONS = (0.0, 0.3, 0.6)  # tail-drop budgets: none, and the two the README quotes
 SEED = 0                     # sampling noise/labels and the reference split
 BOOTSTRAPS = 10              # resamples of the sample features for FID's spread
+RECOGNITION_BAR = 0.9        # a baseline counts as a competent model when this share of its samples is recognised
+# Same-seed pairs whose sample sets are compared pixel by pixel: models that learned the same function draw the same
+# images from the same noise, and then tie on FID whatever their size.
+AGREEMENT_PAIRS = (("isoparam", "isoflop"), ("isoparam", "zero"), ("dcdit", "random"), ("dcdit", "isoflop"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +257,22 @@ def sample_set(model, cfg, plan: Plan, tail_drop: float, desc: str, vae=None) ->
     kept0 = np.concatenate(cond0 + uncond0, axis=1) if cond0 else None              # (steps, rows)
     return {"images": np.concatenate(images), "kept": kept, "kept0": kept0, "t": t,
             "seconds": time.perf_counter() - start}
+
+
+def zero_output(model):
+    """A copy of a DiT whose output layer is zeroed: eps_hat = 0 and the learned variance at the midpoint of its
+    range at every step, so its samples are what the sampler alone makes of the seeds (no learned denoising)."""
+    zero = copy.deepcopy(model)
+    with torch.no_grad():
+        zero.final_layer.linear.weight.zero_()
+        zero.final_layer.linear.bias.zero_()
+    return zero
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> dict:
+    """Pixel agreement of two same-seed sample sets (n, H, W, 3) uint8: mean |a - b| in grey levels and Pearson r."""
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return {"mean_abs": float(np.abs(a - b).mean()), "corr": float(np.corrcoef(a, b)[0, 1])}
 
 
 def features(net, images: np.ndarray, desc: str) -> np.ndarray:
@@ -450,6 +471,27 @@ def two_stage_section(res: dict) -> list:
     return lines + ["", "![two-stage boundary maps](boundary_maps_two_stage.png)", ""]
 
 
+def agreement_section(res: dict) -> list:
+    """Same seeds, same images? Pixel agreement of sample-set pairs, with the zero-output DiT as the reference for
+    'learned nothing' (empty for results.json files written before it was measured)."""
+    if "agreement" not in res:
+        return []
+    z = res["zero_output"]
+    names = dict({k: m["label"] for k, m in res["models"].items()}, zero=z["label"])
+    lines = ["## Same noise, same images?", "",
+             "Every model samples image i from the same seed, so two models that learned the same function draw the "
+             "same images and tie on FID whatever their size. The pairs below compare sample sets pixel by pixel "
+             "(mean absolute difference in grey levels of 255, and Pearson r over all pixels). The reference is "
+             f"the parameter-matched DiT with its output layer zeroed: it predicts eps = 0 at every step, so its "
+             f"samples are what the sampler alone makes of the seeds (FID {z['fid']:.2f} ± {z['fid_sd']:.2f}, "
+             f"recognised {100 * z['recognised']:.1f}%).", "",
+             "| pair | mean abs difference | r |", "|---|---:|---:|"]
+    for pair, a in res["agreement"].items():
+        first, second = pair.split(" vs ")
+        lines.append(f"| {names[first]} vs {names[second]} | {a['mean_abs']:.2f} | {a['corr']:.3f} |")
+    return lines + [""]
+
+
 def write_report(res: dict, out: str) -> str:
     p = res["plan"]
     latent = res.get("space", "pixel") == "latent"
@@ -505,6 +547,15 @@ def write_report(res: dict, out: str) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {c} | {'**yes**' if h else '**no**'} | {e} |" for c, h, e in res["claims"]]
+    bar = res.get("recognition_bar")
+    if bar is not None:
+        base = {k: res["models"][k] for k in ("isoparam", "isoflop")}
+        met = all(m["recognised"] >= bar for m in base.values())
+        lines += ["", f"Baseline bar: a DiT/2 row is a competent model when at least {100 * bar:.0f}% of its samples are "
+                  "recognised as their class. " + " and ".join(f"{m['label']}: {rec(m)}" for m in base.values())
+                  + (": **met**, so the comparison is against working models." if met else
+                     ": **not met**, so the Table 1 claims compare DC-DiT with baselines that have not learned the "
+                     "digits yet and say little about DC-DiT against a competent DiT.")]
     lines += ["", "## Table 1 in miniature", "",
               "| model | params | GFLOPs/img (measured) | mean compression L/M | FID | recognised | train min | "
               "sample min |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -515,7 +566,7 @@ def write_report(res: dict, out: str) -> str:
     lines += ["", "GFLOPs/img = forward FLOPs x sampling steps x 2 (CFG), the paper's TFLOPs/img convention "
               "(x 1e-3); a DC-DiT is priced from the kept counts of every row at every step of this very sampling "
               "run (`tools/flops.py`). Compression for DiT/2 is its patch area, 4.",
-              "", "![samples](samples.png)", "",
+              "", "![samples](samples.png)", ""] + agreement_section(res) + [
               "## Where the boundaries land", "",
               f"Boundary maps of the learned router while sampling ({res['enrichment']['dcdit']['n']} images, "
               "top: predicted x0, bottom: boundary probability, kept tokens outlined by `visualize.chunking_viz`):", "",
@@ -666,7 +717,7 @@ def main_impl(argv=None) -> dict:
                                   DigitsDataset().labels[perm[plan.n_ref:plan.n_ref + plan.n_samples]].numpy())
     phases["reference features"] = time.perf_counter() - start
 
-    models, sets, compression, enrichment, tail = {}, {}, {}, {}, []
+    models, sets, compression, enrichment, tail, by_key = {}, {}, {}, {}, [], {}
     viz_path = os.path.join(out, "boundary_maps.png")
     for key, (label, _, _) in specs.items():
         model, cfg = load_model_for_sampling(SimpleNamespace(config=None, overrides=[]), trained[key]["ckpt"])
@@ -687,7 +738,7 @@ def main_impl(argv=None) -> dict:
                    "fid_sd": fid_sd, "compression": ratio["overall"] if ratio else float(model.patch_size ** 2),
                    "recognised": recognised(classifier, s["images"], labels)}
             if f == 0.0:
-                sets[label] = s["images"]
+                sets[label] = by_key[key] = s["images"]
                 models[key] = dict(row, label=label, params=count_params(model), train_seconds=trained[key]["seconds"],
                                    sample_seconds=s["seconds"], command=trained[key]["command"],
                                    ckpt=os.path.relpath(trained[key]["ckpt"], out))
@@ -697,6 +748,16 @@ def main_impl(argv=None) -> dict:
                     compression[f"{key}_stage0"] = compression_by_step(s["kept0"], s["t"], L)
             if key == "dcdit":
                 tail.append(row)
+        if key == "isoparam":  # the same seeds through a DiT that predicts nothing: the no-learning reference
+            start = time.perf_counter()
+            s = sample_set(zero_output(model), cfg, plan, 0.0, desc="sample zero-output DiT", vae=vae)
+            by_key["zero"] = s["images"]
+            fid, fid_sd = fid_with_spread(ref_stats, features(net, s["images"], "features zero-output"),
+                                          plan.bootstraps)
+            labels = np.arange(plan.n_samples) % cfg.model.num_classes
+            zero_row = {"label": f"{label}, output layer zeroed", "fid": fid, "fid_sd": fid_sd,
+                        "recognised": recognised(classifier, s["images"], labels)}
+            phases["zero-output reference"] = time.perf_counter() - start
         if key in ("dcdit", "random", "twostage"):
             start = time.perf_counter()
             path = {"dcdit": viz_path, "twostage": os.path.join(out, "boundary_maps_two_stage.png")}.get(key, "")
@@ -718,6 +779,8 @@ def main_impl(argv=None) -> dict:
            "configs": list(configs), "models": models, "compression": compression,
            "enrichment": enrichment, "tail_drop": tail, "phases": phases, "recipe": recipe,
            "two_stage": two_stage[1] if two_stage else None,
+           "zero_output": zero_row, "recognition_bar": RECOGNITION_BAR,
+           "agreement": {f"{a} vs {b}": agreement(by_key[a], by_key[b]) for a, b in AGREEMENT_PAIRS},
            "input_size": dcdit_cfg.model.input_size,
            "inner": {"depth": dcdit_cfg.model.depth, "width": dcdit_cfg.model.hidden_size}, "scaffold_share": scaffold_share(dcdit_cfg),
            "scaffold_share_B": scaffold_share(load_config(os.path.join(ROOT, PAPER_CONFIG)))}
