@@ -125,7 +125,9 @@ def test_quick_latent_pipeline_end_to_end(tmp_path, monkeypatch):
     """--space latent: a diffusers AutoencoderKL trained here -> extract_features.py -> train.py on its latents ->
     samples decoded by it -> scored; the geometry the features folder records is what training used."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    reproduce.main_impl(["--out", str(tmp_path), "--quick", "--space", "latent", "--features", "pixels"])
+    # Table 1 alone (--tables): the runs it needs and no others, and a report without Table 2's rows.
+    reproduce.main_impl(["--out", str(tmp_path), "--quick", "--space", "latent", "--features", "pixels",
+                         "--tables", "1"])
     work = tmp_path / "work"
     ae = json.loads((work / "autoencoder" / "config.json").read_text())
     assert ae["_class_name"] == "AutoencoderKL" and ae["latent_channels"] == 4
@@ -141,6 +143,11 @@ def test_quick_latent_pipeline_end_to_end(tmp_path, monkeypatch):
     for m in saved["models"].values():
         assert f"data.vae_path={work / 'autoencoder'}" in m["command"]
         assert 0.0 <= m["recognised"] <= 1.0 and math.isfinite(m["fid"])
+    assert set(saved["models"]) == {"dcdit", "isoparam", "isoflop"} and saved["tables"] == ["1"]
+    assert not (work / "runs" / "random").exists() and "random router" not in report
+    assert [c[0] for c in saved["claims"]][:2] == ["DC-DiT beats the parameter-matched DiT (Table 1)",
+                                                   "DC-DiT beats the FLOP-matched DiT (Table 1)"]
+    assert set(saved["agreement"]) == {"isoparam vs isoflop", "isoparam vs zero", "dcdit vs isoflop"}
 
 
 def test_agreement_and_the_zero_output_reference():

