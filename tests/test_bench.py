@@ -367,3 +367,11 @@ def test_tf32_section_times_both_settings_and_restores_the_flag(tmp_path, monkey
     assert seen.count(True) == seen.count(False) == 2  # each model once per setting (1 repeat, no warmup)
     assert torch.backends.cuda.matmul.allow_tf32 == before
     assert "TF32 / full fp32 matmuls" in stdout
+
+
+def test_profile_stages_prints_the_op_table_of_the_named_stage(tmp_path):
+    run, stdout = run_bench(tmp_path / "bench.json", "--sections", "shares", "--profile-stages", "dechunk")
+    profiles = run["results"]["tiny"]["2"]["shares"]["profiles"]
+    assert set(profiles) == {"dechunk"}
+    assert "Self CPU" in profiles["dechunk"] and "aten::" in profiles["dechunk"]
+    assert "profile of stage dechunk" in stdout

@@ -543,13 +543,33 @@ def shares_section(suite: Suite, batch: Batch, args) -> dict:
         jobs = {"step": step_fn(suite, "dcdit", batch, False)}
         jobs.update({stage.name: timed_stage(stage) for stage in STAGES})
         med = measure(jobs, args.repeats, args.warmup, suite.device, "shares")
+        # --profile-stages: which kernels a stage's time goes to (one profiled forward + backward after the timing)
+        profiles = {stage.name: profile_table(timed_stage(stage), suite.device)
+                    for stage in STAGES if stage.name in (getattr(args, "profile_stages", None) or ())}
+    for name, table in profiles.items():
+        print(f"  profile of stage {name} (forward + backward, one run):\n{table}", flush=True)
     step = med["step"]["median_s"]
     shares = {stage.name: med[stage.name]["median_s"] / step for stage in STAGES}
     shares["other"] = 1.0 - sum(shares.values())
     total = sum(flops.values())
     return dict(times=med, step_s=step, shares=shares, overhead_share=sum(shares[k] for k in OVERHEAD),
+                profiles=profiles,
                 gflops={k: v / 1e9 for k, v in flops.items()}, flops_shares={k: v / total for k, v in flops.items()},
                 overhead_flops_share=sum(flops[k] for k in OVERHEAD) / total)
+
+
+def profile_table(fn: Callable[[], None], device, rows: int = 15) -> str:
+    """torch.profiler's table of one run of fn (after one unprofiled run), the ops with the most self time on the
+    device (CUDA) or the CPU first."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        sync(device)
+    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                     row_limit=rows, max_name_column_width=60)
 
 
 def varied_counts(batch: int, mean: int, spread: float = 0.75) -> List[int]:
@@ -1107,6 +1127,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="add the torch.compile section")
     parser.add_argument("--tf32", action="store_true",
                         help="TF32 for fp32 matmuls on CUDA, as train.tf32=true (the fp32 router and de-chunking)")
+    parser.add_argument("--profile-stages", nargs="+", choices=[st.name for st in STAGES], default=None,
+                        help="shares section: also print torch.profiler's op table of these stages' forward + backward")
     parser.add_argument("--compile-models", nargs="+", choices=("dcdit", "iso"), default=["dcdit", "iso"],
                         help="which models the compile section compiles (default both; Inductor takes minutes each)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
