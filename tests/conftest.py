@@ -89,6 +89,16 @@ def run_losses(run_dir):
     return out
 
 
+def train_full_and_resumed(common, steps, stop, tmp_path):
+    """train.py `common` for `steps` steps in one go (tmp_path/a) and stopped at `stop` then resumed to `steps`
+    (tmp_path/b) -> ({step: loss} uninterrupted, {step: loss} resumed, the resumed run's folder)."""
+    run_script(["train.py", *common, f"train.max_steps={steps}", f"train.results_dir={tmp_path / 'a'}"])
+    run_script(["train.py", *common, f"train.max_steps={stop}", f"train.results_dir={tmp_path / 'b'}"])
+    run_b = only_run(tmp_path / "b")
+    run_script(["train.py", "--resume", run_b, f"train.max_steps={steps}"])
+    return run_losses(only_run(tmp_path / "a")), run_losses(run_b), run_b
+
+
 def only_run(results):
     """The single run folder train.py made under `results`."""
     runs = sorted(glob.glob(os.path.join(str(results), "*")))

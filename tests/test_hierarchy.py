@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from config import load_config
-from conftest import only_run, run_losses, run_script
+from conftest import train_full_and_resumed
 from models import create_model
 from models.hierarchy import SparseCosineRouter, finish_sparse_routing
 from models.routing import ratio_loss
@@ -113,11 +113,7 @@ def test_inner_router_rule_and_forced_ends():
 
 def test_two_stage_training_resumes_exactly(feature_dir, tmp_path):
     common = ["--config", TWO, f"data.feature_path={feature_dir}", "train.log_every=1", "train.ckpt_every=2"]
-    run_script(["train.py", *common, "train.max_steps=4", f"train.results_dir={tmp_path / 'a'}"])
-    run_script(["train.py", *common, "train.max_steps=2", f"train.results_dir={tmp_path / 'b'}"])
-    run_b = only_run(tmp_path / "b")
-    run_script(["train.py", "--resume", run_b, "train.max_steps=4"])
-    full, resumed = run_losses(only_run(tmp_path / "a")), run_losses(run_b)
+    full, resumed, run_b = train_full_and_resumed(common, 4, 2, tmp_path)
     assert [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)]
     log = open(os.path.join(run_b, "log.txt")).read()
     assert "compression_stage0_gmean" in log

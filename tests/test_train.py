@@ -6,17 +6,13 @@ import os
 
 import torch
 
-from conftest import only_run, run_losses as losses, run_script
+from conftest import only_run, run_script, train_full_and_resumed
 
 
 def test_resume_repeats_the_uninterrupted_losses(feature_dir, tmp_path):
     common = ["--config", "configs/tiny/test-dcdit.yaml", f"data.feature_path={feature_dir}", "train.log_every=1",
               "train.ckpt_every=10"]
-    run_script(["train.py", *common, "train.max_steps=20", f"train.results_dir={tmp_path / 'a'}"])
-    run_script(["train.py", *common, "train.max_steps=10", f"train.results_dir={tmp_path / 'b'}"])
-    run_b = only_run(tmp_path / "b")
-    run_script(["train.py", "--resume", run_b, "train.max_steps=20"])
-    full, resumed = losses(only_run(tmp_path / "a")), losses(run_b)
+    full, resumed, run_b = train_full_and_resumed(common, 20, 10, tmp_path)
     assert sorted(full) == list(range(1, 21)) and set(range(11, 21)) <= set(resumed)
     for step in range(11, 21):
         assert resumed[step] == full[step], (step, resumed[step], full[step])
@@ -203,11 +199,7 @@ def test_a_non_default_scaffold_trains_and_resumes_exactly(feature_dir, tmp_path
     """model.encoder_layout / decoder_layout with DiT blocks in the scaffold: resume repeats the losses."""
     common = ["--config", "configs/tiny/test-dcdit.yaml", f"data.feature_path={feature_dir}", "train.log_every=1",
               "train.ckpt_every=2", "model.encoder_layout=c1D1", "model.decoder_layout=d1c2"]
-    run_script(["train.py", *common, "train.max_steps=4", f"train.results_dir={tmp_path / 'a'}"])
-    run_script(["train.py", *common, "train.max_steps=2", f"train.results_dir={tmp_path / 'b'}"])
-    run_b = only_run(tmp_path / "b")
-    run_script(["train.py", "--resume", run_b, "train.max_steps=4"])
-    full, resumed = losses(only_run(tmp_path / "a")), losses(run_b)
+    full, resumed, run_b = train_full_and_resumed(common, 4, 2, tmp_path)
     assert [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)]
     ck = torch.load(os.path.join(run_b, "checkpoints", "0000004.pt"), weights_only=True)
     assert any(k.startswith("encoder.blocks.1.block.attn") for k in ck["model"])
