@@ -24,8 +24,8 @@ from config import format_config, load_config, validate
 from data import to_uint8_images
 from diffusion import create_diffusion
 from models import create_model, is_dcdit, load_checkpoint
-from models.flops import (component_coeffs, dcdit_flops_coeffs, tflops_by_component, tflops_per_image_by_component,
-                          tflops_per_step)
+from models.flops import (component_coeffs, dcdit_flops_coeffs, dydit_dims, dydit_info_row_flops, tflops_by_component,
+                          tflops_per_image_by_component, tflops_per_step)
 from models.hierarchy import inner_kept_grid
 
 # Random streams of one image: each gets its own generator so that using one never shifts another.
@@ -85,7 +85,9 @@ class Sampler:
     `records` gets one dict per model call (= per sampling step): t (original timestep), seconds (wall time
     of the call, synchronised on CUDA) and, for DC-DiT, kept (rows,) the tokens each row's inner blocks ran
     on (cond rows then uncond rows under CFG) and mean_prob (rows,) each row's mean boundary probability
-    over its L tokens; with keep_maps also prob / mask (rows, L) for chunking_viz.
+    over its L tokens; with keep_maps also prob / mask (rows, L) for chunking_viz. A DC-DiT with DyDiT gates
+    (§4.5) also records flops (rows,): each row's forward FLOPs as its gates left them, since its kept counts
+    alone price the ungated model.
     """
 
     def __init__(self, model, cfg, cfg_scale: float, tail_drop: float = 0.0, uncond_tail_drop: Optional[float] = None,
@@ -96,6 +98,10 @@ class Sampler:
         self.dcdit = is_dcdit(cfg.model.name)
         self.keep_maps = keep_maps
         self.records = []
+        # DyDiT's gates change a forward's FLOPs at the same kept tokens: price each row from what they left.
+        self._gate_pricing = None
+        if self.dcdit and getattr(model, "dydit", False):
+            self._gate_pricing = (dcdit_flops_coeffs(model), dydit_dims(model)[0])
         if not self.dcdit and (tail_drop > 0 or uncond_tail_drop is not None):
             raise SampleError(f"model {cfg.model.name} has no router: tail dropping and Lite-CFG need a DC-DiT")
 
@@ -131,6 +137,8 @@ class Sampler:
             if info.stage1 is not None:  # a two-stage model: stage 0's kept tokens too (its FLOPs depend on both)
                 record["kept0"] = info.router.mask.sum(1).detach().cpu()     # (rows,)
             record["mean_prob"] = info.router.prob.detach().float().mean(-1).cpu()  # (rows,)
+            if self._gate_pricing is not None and info.dydit is not None:
+                record["flops"] = torch.from_numpy(dydit_info_row_flops(*self._gate_pricing, info.dydit)[0])  # (rows,)
             if self.keep_maps:
                 record["prob"] = info.router.prob.detach().cpu()             # (rows, L)
                 record["mask"] = info.router.mask.detach().cpu()             # (rows, L)

@@ -97,12 +97,17 @@ def chunk(x: Tensor, mask: Tensor, prob: Tensor, return_counts: bool = False, co
 def nearest_slot(targets: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
     """For each target point (B, T, 2), the slot of its nearest valid point among pos (B, M, 2): (B, T) long.
 
-    Euclidean distance by `torch.cdist` in its elementwise mode (one fused (B, T, M) pass; its matmul expansion
-    would round under TF32): for integer coordinates the squared distances are exact and their square roots keep
-    both order and ties, so this equals an argmin over exact squared distances. Invalid slots are moved 1e6 cells
-    away, out of reach of any target. Ties go to the lower slot (argmin returns the first minimum).
+    Invalid slots are moved 1e6 cells away, out of reach of any target; ties go to the lower slot (argmin returns
+    the first minimum). Coordinates are integers, so squared distances are exact in float32 and both forms below
+    give the same argmin, ties included. On a CPU `torch.cdist` in its elementwise mode is one fused (B, T, M) pass
+    (its matmul expansion would round under TF32); on CUDA its kernel spends a thread block on every output
+    element, so the (B, T, M) squared distances are built from the two coordinate differences instead.
     """
     kept = pos.masked_fill(~valid.unsqueeze(-1), 1e6)  # (B, M, 2)
+    if targets.is_cuda:
+        d_row = targets[:, :, None, 0] - kept[:, None, :, 0]  # (B, T, M)
+        d_col = targets[:, :, None, 1] - kept[:, None, :, 1]  # (B, T, M)
+        return (d_row * d_row + d_col * d_col).argmin(dim=2)  # (B, T)
     dist = torch.cdist(targets, kept, compute_mode="donot_use_mm_for_euclid_dist")  # (B, T, M)
     return dist.argmin(dim=2)  # (B, T)
 
@@ -110,12 +115,43 @@ def nearest_slot(targets: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
 def plug_back_index(idx: Tensor, valid: Tensor, grid: Tuple[int, int]) -> Tensor:
     """For each of the L grid positions, the slot of its nearest valid kept token: (B, L) long.
 
-    Ties go to the lower raster index: valid slots are in raster order and come before the padding slots.
-    Faster than building the distances from coordinate differences (docs/performance.md).
+    Ties go to the lower raster index (valid slots are in raster order, before the padding slots). Exact
+    Euclidean nearest neighbour in two separable passes, as a distance transform, in integers; work and memory
+    O(B L R) with R = min(H, Mmax) rows that can hold a kept token, never an (L, Mmax) distance table:
+      1. Along each row, the nearest kept column of every column, ties to the left: g(r', c) = its distance.
+      2. For every position (r, c), the row r' minimising (r - r')^2 + g(r', c)^2 among the rows with a kept
+         token (listed in ascending order), ties to the upper row.
+    Among all kept tokens at the minimal distance, the upper row and then the left column is the lowest raster
+    index, so this is the same token as an argmin over every (position, kept token) pair.
     """
     H, W = int(grid[0]), int(grid[1])
-    every = grid_coords(torch.arange(H * W, device=idx.device), grid)  # (L, 2)
-    return nearest_slot(every.expand(idx.shape[0], -1, -1), grid_coords(idx, grid), valid)  # (B, L)
+    B, M = idx.shape
+    dev = idx.device
+    # Slot of every kept grid position (-1 elsewhere); padding slots write into a spare column L.
+    where = torch.where(valid, idx, H * W)  # (B, Mmax)
+    slot_of = torch.full((B, H * W + 1), -1, dtype=torch.long, device=dev)
+    slot_of.scatter_(1, where, torch.arange(M, device=dev).expand(B, -1))
+    slot_of = slot_of[:, :H * W]  # (B, L)
+    kept = (slot_of >= 0).view(B, H, W)  # (B, H, W)
+    far = H + W  # farther than any real distance on the grid: rows without a kept token lose every comparison
+    col = torch.arange(W, device=dev)  # (W,)
+    left = torch.where(kept, col, -far).cummax(dim=2).values  # (B, H, W) nearest kept column <= c
+    right = torch.where(kept, col, 2 * far).flip(2).cummin(dim=2).values.flip(2)  # (B, H, W) nearest >= c
+    to_left, to_right = col - left, right - col  # (B, H, W) each
+    near_col = torch.where(to_right < to_left, right, left)  # (B, H, W) ties to the left
+    g = torch.minimum(to_left, to_right)  # (B, H, W)
+    # The candidate rows r': every row with a kept token, ascending (at most Mmax of them), then empty rows.
+    rows = torch.arange(H, device=dev)
+    R = min(H, M)
+    src = torch.where(kept.any(2), rows, H + rows).sort(dim=1).indices[:, :R]  # (B, R)
+    g_src = g.gather(1, src.unsqueeze(-1).expand(-1, -1, W))  # (B, R, W)
+    dr2 = (rows[None, :, None] - src[:, None, :]) ** 2  # (B, H, R) target row r, candidate row r'
+    cost = dr2.unsqueeze(-1) + (g_src * g_src).unsqueeze(1)  # (B, H, R, W)
+    pick = cost.argmin(dim=2)  # (B, H, W) first minimum: the upper row
+    best_row = src.gather(1, pick.view(B, H * W)).view(B, H, W)  # (B, H, W)
+    best_col = near_col.gather(1, best_row)  # (B, H, W)
+    slot = slot_of.gather(1, (best_row * W + best_col).view(B, H * W))  # (B, L)
+    return slot.clamp_min(0)  # a sample without any valid slot takes slot 0, as an argmin over no candidates
 
 
 @torch.no_grad()

@@ -126,6 +126,34 @@ def test_dechunk_matches_brute_force_with_ties():
     assert idx[2, slot[2, 1 * W + 2]] == 2  # (1, 2): tie (0, 2) vs (2, 2) -> (0, 2)
 
 
+def _nearest_by_every_pair(idx, valid, grid):
+    """Plug-back written out: for every position, the valid slot of least squared distance, then least raster
+    index, found by looping over all (position, slot) pairs in integers."""
+    H, W = grid
+    out = torch.zeros(idx.shape[0], H * W, dtype=torch.long)
+    for b in range(idx.shape[0]):
+        slots = [(int(idx[b, j]), j) for j in range(idx.shape[1]) if valid[b, j]]
+        for pos in range(H * W):
+            r, c = divmod(pos, W)
+            out[b, pos] = min(slots, key=lambda s: ((r - s[0] // W) ** 2 + (c - s[0] % W) ** 2, s[0]))[1]
+    return out
+
+
+@pytest.mark.parametrize("H, W", [(1, 1), (1, 9), (9, 1), (6, 7), (8, 8), (5, 11)])
+def test_plug_back_index_is_the_nearest_kept_token_with_lowest_raster_ties(H, W):
+    """The two-pass distance transform equals the argmin over every pair: sparse and dense masks, rows and whole
+    columns without a kept token, lattice ties, and padding slots whose idx points anywhere."""
+    g = torch.Generator().manual_seed(H * 31 + W)
+    for keep in (0.05, 0.3, 0.8):
+        mask = torch.rand(4, H * W, generator=g) < keep
+        mask[:, int(torch.randint(0, H * W, (1,), generator=g))] = True
+        mask[3] = False
+        mask[3, ::2] = True  # every other position: many exact ties
+        mask[2] = True if keep == 0.8 else mask[2]  # the others get padding slots
+        z, valid, idx = chunk(torch.randn(4, H * W, 2, generator=g), mask, torch.rand(4, H * W, generator=g))
+        assert torch.equal(plug_back_index(idx, valid, (H, W)), _nearest_by_every_pair(idx, valid, (H, W)))
+
+
 def test_padding_tie_cannot_win():
     """A padding slot at distance 0 of a position (its own token) never takes it over."""
     H, W = 3, 3

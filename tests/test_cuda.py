@@ -152,6 +152,24 @@ def full_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def test_plug_back_on_the_device_equals_the_cpu():
+    """Plug-back and the two-stage nearest-slot search on CUDA (no cdist there) pick the CPU's slots, ties included."""
+    from models.chunking import chunk, grid_coords, nearest_slot, plug_back_index
+    g = torch.Generator().manual_seed(0)
+    H, W = 32, 32
+    mask = torch.rand(8, H * W, generator=g) < 0.25
+    mask[:, 0] = True
+    mask[7] = False
+    mask[7, ::3] = True  # a lattice: many exact ties
+    _, valid, idx = chunk(torch.randn(8, H * W, 2, generator=g), mask, torch.rand(8, H * W, generator=g))
+    cpu = plug_back_index(idx, valid, (H, W))
+    assert torch.equal(plug_back_index(idx.to(DEVICE), valid.to(DEVICE), (H, W)).cpu(), cpu)
+    targets = grid_coords(torch.randint(0, H * W, (8, 300), generator=g), (H, W))
+    pos = grid_coords(idx, (H, W))
+    assert torch.equal(nearest_slot(targets.to(DEVICE), pos.to(DEVICE), valid.to(DEVICE)).cpu(),
+                       nearest_slot(targets, pos, valid))
+
+
 def test_a_sample_does_not_depend_on_its_batch(full_fp32):
     model, cfg = _model_and_cfg()
     model.eval()

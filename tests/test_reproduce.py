@@ -25,7 +25,8 @@ FIGURES = ("samples.png", "boundary_maps.png", "enrichment.png", "compression_vs
 def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the four train.py children
     # Pixel features: the Inception path has its own tests (test_evaluations.py); here it would only add a minute.
-    res = reproduce.main_impl(["--out", str(tmp_path), "--quick", "--features", "pixels", "--two-stage"])
+    res = reproduce.main_impl(["--out", str(tmp_path), "--quick", "--features", "pixels", "--two-stage",
+                               "--tables", "1", "2"])
     report = (tmp_path / "REPORT.md").read_text()
     for section in SECTIONS:
         assert section in report, section
@@ -35,6 +36,8 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["models"]) == {"dcdit", "random", "isoparam", "isoflop", "twostage"}
     assert [r["f"] for r in saved["tail_drop"]] == list(reproduce.FRACTIONS)
+    assert [r["uncond_f"] for r in saved["lite_cfg"]] == list(reproduce.LITE_CFG_FRACTIONS)
+    assert "Table 3 in miniature" not in report and not saved["upcycling"]  # its table was not asked for
     for path, value in json_numbers({k: v for k, v in saved.items() if k != "enrichment"}):
         assert math.isfinite(value), path
     for key in ("dcdit", "random", "isoparam", "isoflop", "twostage"):
@@ -44,6 +47,8 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     # Tail dropping really cut the measured cost, and the random router keeps exactly L / N.
     t = [r["tflops"] for r in saved["tail_drop"]]
     assert t[0] > t[1] > t[2]
+    lite = [r["tflops"] for r in saved["lite_cfg"]]  # Lite-CFG: only the unconditional rows got cheaper
+    assert t[0] > lite[0] > lite[1] > t[2]
     assert saved["models"]["random"]["compression"] == pytest.approx(4.0)
     # The two-stage model: each stage compresses (N = 2 each), the inner stage never keeps more than stage 0, and
     # its boundaries are scored on their own.
@@ -65,7 +70,8 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     assert saved["depths"]["kept"] == 64
 
     # A rerun reuses a finished training run instead of training it again.
-    again = reproduce.train("dcdit", reproduce.DCDIT_CONFIG, [], str(tmp_path / "work"), reproduce.QUICK)
+    again = reproduce.train("dcdit", reproduce.DCDIT_CONFIG, [f"train.max_steps={reproduce.QUICK.steps}"],
+                            str(tmp_path / "work"))
     assert again["seconds"] is None and again["ckpt"].endswith(f"{reproduce.QUICK.steps:07d}.pt")
 
 
@@ -110,6 +116,31 @@ def test_judge_reports_claims_that_fail():
     assert held == [False, False, True, False, False, False]
 
 
+def _table34(fids: dict, flops_ratio: float = 0.7) -> dict:
+    """A results dict with Tables 3 and 4: fids maps (run, steps) -> FID, plus the full runs' FIDs."""
+    row = lambda fid: {"fid": fid, "fid_sd": 0.1, "tflops": 1.0, "recognised": 0.9}  # noqa: E731
+    models = {k: row(fids.pop(k)) for k in ("dcdit", "teacher")}
+    models["dydit"] = dict(row(fids.pop("dydit")), flops_ratio=flops_ratio, tflops=0.7)
+    return {"models": models, "budgets": [200, 500, 1000], "plan": {"steps": 4000}, "dydit": {"target": 0.7},
+            "upcycling": [dict(row(f), run=run, steps=b) for (run, b), f in fids.items()]}
+
+
+def test_table3_and_table4_claims_follow_the_numbers():
+    good = {"dcdit": 10.0, "teacher": 11.0, "dydit": 10.1, ("upcycle", 200): 50.0, ("upcycle", 500): 12.0,
+            ("upcycle", 1000): 9.0, ("distill", 200): 15.0, ("distill", 500): 8.0, ("distill", 1000): 7.0}
+    res = _table34(dict(good))
+    assert [h for _, h, _ in reproduce.upcycling_claims(res)] == [True, True, True]
+    assert [h for _, h, _ in reproduce.dydit_claim(res)] == [True]
+    assert "12.5%" in reproduce.upcycling_claims(res)[0][0] and "25%" in reproduce.upcycling_claims(res)[1][0]
+    # Distilled at 12.5% loses to the teacher, the warm-up does not help early, DyDiT misses lambda.
+    res = _table34({**good, ("distill", 500): 10.5, ("distill", 200): 60.0}, flops_ratio=0.9)
+    assert [h for _, h, _ in reproduce.upcycling_claims(res)] == [False, True, False]
+    assert [h for _, h, _ in reproduce.dydit_claim(res)] == [False]
+    # DyDiT reaches lambda but its FID is worse by more than 2 bootstrap sd.
+    assert [h for _, h, _ in reproduce.dydit_claim(_table34(dict(good, dydit=12.0)))] == [False]
+    assert reproduce.upcycling_claims({"models": {}}) == [] and reproduce.dydit_claim({"models": {}}) == []
+
+
 def test_pixel_fallback_is_labelled():
     from evaluations.inception import feature_net
     net, label = feature_net("pixels")
@@ -123,11 +154,11 @@ def test_pixel_fallback_is_labelled():
 
 def test_quick_latent_pipeline_end_to_end(tmp_path, monkeypatch):
     """--space latent: a diffusers AutoencoderKL trained here -> extract_features.py -> train.py on its latents ->
-    samples decoded by it -> scored; the geometry the features folder records is what training used."""
+    samples decoded by it -> scored; the geometry the features folder records is what training used. Tables 3
+    and 4 alone (--tables): the teacher, the upcycled runs from it and the DyDiT fine-tune of the DC-DiT."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    # Table 1 alone (--tables): the runs it needs and no others, and a report without Table 2's rows.
     reproduce.main_impl(["--out", str(tmp_path), "--quick", "--space", "latent", "--features", "pixels",
-                         "--tables", "1"])
+                         "--tables", "3", "4"])
     work = tmp_path / "work"
     ae = json.loads((work / "autoencoder" / "config.json").read_text())
     assert ae["_class_name"] == "AutoencoderKL" and ae["latent_channels"] == 4
@@ -143,11 +174,27 @@ def test_quick_latent_pipeline_end_to_end(tmp_path, monkeypatch):
     for m in saved["models"].values():
         assert f"data.vae_path={work / 'autoencoder'}" in m["command"]
         assert 0.0 <= m["recognised"] <= 1.0 and math.isfinite(m["fid"])
-    assert set(saved["models"]) == {"dcdit", "isoparam", "isoflop"} and saved["tables"] == ["1"]
-    assert not (work / "runs" / "random").exists() and "random router" not in report
-    assert [c[0] for c in saved["claims"]][:2] == ["DC-DiT beats the parameter-matched DiT (Table 1)",
-                                                   "DC-DiT beats the FLOP-matched DiT (Table 1)"]
-    assert set(saved["agreement"]) == {"isoparam vs isoflop", "isoparam vs zero", "dcdit vs isoflop"}
+    assert set(saved["models"]) == {"dcdit", "teacher", "upcycle", "distill", "dydit"}
+    assert saved["tables"] == ["3", "4"] and not (work / "runs" / "isoparam").exists()
+    # Table 3: the upcycled runs start from the teacher's final checkpoint; every run is scored at every budget.
+    teacher = saved["models"]["teacher"]["ckpt"]
+    for key in ("upcycle", "distill"):
+        assert f"upcycle.checkpoint={tmp_path / teacher}" in saved["models"][key]["command"]
+    assert "upcycle.distill_steps=0" in saved["models"]["upcycle"]["command"]
+    budgets = list(reproduce.budget_steps(reproduce.QUICK))
+    assert saved["budgets"] == budgets
+    assert sorted((r["run"], r["steps"]) for r in saved["upcycling"]) == sorted(
+        (run, b) for run in ("scratch", "upcycle", "distill") for b in budgets)
+    final = next(r for r in saved["upcycling"] if r["run"] == "distill" and r["steps"] == budgets[-1])
+    assert final["fid"] == saved["models"]["distill"]["fid"]  # the last budget is the run's final checkpoint
+    assert "## Table 3 in miniature" in report and "## Table 4 in miniature" in report
+    # Table 4: fine-tuned from the DC-DiT's final checkpoint; its FLOPs are priced from what the gates left.
+    dydit = saved["models"]["dydit"]
+    assert f"dydit.init_checkpoint={tmp_path / saved['models']['dcdit']['ckpt']}" in dydit["command"]
+    assert 0.0 < dydit["flops_ratio"] < 1.5 and f"{dydit['flops_ratio']:.3f}" in report
+    claims = [c[0] for c in saved["claims"]]
+    assert sum("(Table 3)" in c for c in claims) == 3 and sum("(Table 4)" in c for c in claims) == 1
+    assert not any("(Table 1)" in c or "(Table 2)" in c for c in claims)
 
 
 def test_agreement_and_the_zero_output_reference():

@@ -1,6 +1,6 @@
 """The paper's claims, tested small on the bundled MNIST digits: one command, one report.
 
-    python tools/reproduce.py --out reports/mnist            # ~1 hour on a 2-core CPU
+    python tools/reproduce.py --out reports/mnist --tables 1 2   # ~1 hour on a 2-core CPU
     python tools/reproduce.py --out reports/digits_latent --space latent   # the paper's latent setting in miniature
     python tools/reproduce.py --out /tmp/r --quick           # a few minutes: every section, tiny sizes
     python tools/reproduce.py --out /tmp/t2 --tables 2       # one table alone: only the runs it needs
@@ -17,10 +17,17 @@ Trains four models on the same 5,000 digits at 16 x 16 with the same recipe (con
 - DC-DiT random: the same with random boundaries (§4.3, Table 2), trained the same way;
 - DiT isoparam / isoflop: DiT-tiny/2 (64 tokens, like M = L/N = 64) with the depth whose parameters /
   forward FLOPs at M = L/N come closest to the DC-DiT's, picked here from exact counts (Table 1 in miniature).
-(`--tables 1` trains only the first and the DiTs, `--tables 2` only the two DC-DiTs.) Then samples every model
-from the same per-image noise and labels, scores FID against real digits (the TF
+and, for the paper's other tables:
+- Table 3 (§4.4): a DiT/2 teacher whose blocks are the DC-DiT's inner blocks, upcycled into the DC-DiT with and
+  without the activation-distillation warm-up, each scored at 5%, 12.5% and 25% of the from-scratch steps against
+  the from-scratch DC-DiT's checkpoints at the same steps;
+- Table 4 (§4.5): DyDiT's gates on the trained DC-DiT's inner blocks, fine-tuned towards lambda = 0.7 of its FLOPs.
+(`--tables 1` trains only the learned DC-DiT and the DiTs, `--tables 2` only the two DC-DiTs, `--tables 3` the
+DC-DiT, the teacher and the two upcycled runs, `--tables 4` the DC-DiT and its DyDiT fine-tune.) Then samples
+every model from the same per-image noise and labels, scores FID against real digits (the TF
 Inception network when its weights are installed, else flattened pixels, labelled as such), and measures
-where the learned boundaries land, how compression follows the timestep and what tail dropping costs.
+where the learned boundaries land, how compression follows the timestep and what tail dropping and Lite-CFG
+cost (an FID-vs-GFLOPs figure with the DiT rows).
 Writes OUT/REPORT.md, OUT/results.json and PNG figures; training runs go to OUT/work (not meant for git).
 A rerun skips the runs already trained and resumes a half-finished one, so a crash loses at most a
 checkpoint interval. Every number in the report is computed by this script from the runs it just did.
@@ -30,6 +37,7 @@ import copy
 import dataclasses
 import glob
 import json
+import math
 import os
 import platform
 import subprocess
@@ -68,7 +76,21 @@ RECOGNITION_BAR = 0.9        # a baseline counts as a competent model when this 
 # images from the same noise, and then tie on FID whatever their size.
 AGREEMENT_PAIRS = (("isoparam", "isoflop"), ("isoparam", "zero"), ("dcdit", "random"), ("dcdit", "isoflop"))
 # The paper's tables and the runs each needs (the learned-router DC-DiT is in both): `--tables` picks some.
-TABLES = {"1": ("dcdit", "isoparam", "isoflop"), "2": ("dcdit", "random")}
+TABLES = {"1": ("dcdit", "isoparam", "isoflop"), "2": ("dcdit", "random"),
+          "3": ("dcdit", "teacher", "upcycle", "distill"), "4": ("dcdit", "dydit")}
+# Table 3 (§4.4): upcycled runs are scored at 20K, 50K and 100K steps, 5%, 12.5% and 25% of the 400K steps a
+# from-scratch DC-DiT trains; "+ Distilled" spends its first 5K steps (1.25%) on activation distillation.
+# Training order: Tables 1-2 and the two-stage model first; then the runs that start from another's checkpoint.
+TABLE1_ROWS = ("dcdit", "random", "isoparam", "isoflop", "twostage")  # the rows of the report's main table
+TRAIN_ORDER = ("dcdit", "random", "isoparam", "isoflop", "twostage", "teacher", "upcycle", "distill", "dydit")
+UPCYCLE_BUDGETS = (0.05, 0.125, 0.25)
+DISTILL_SHARE = 5 / 400
+# Table 4 (§4.5): DyDiT fine-tunes the trained DC-DiT for 120K steps (30% of 400K) at lr 2e-5 (1/5 of 1e-4),
+# to lambda = 0.7 of the whole forward's FLOPs.
+DYDIT_SHARE, DYDIT_LR_SCALE, DYDIT_TARGET = 0.3, 0.2, 0.7
+# Elastic inference (authors' Pareto figure): Lite-CFG runs the conditional branch at f = 0 and the
+# unconditional one at these tail-drop fractions.
+LITE_CFG_FRACTIONS = (0.3, 0.6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +106,13 @@ class Plan:
     ae_steps: int = 6000  # autoencoder training steps (--space latent)
     n_latents: int = 5000  # digits encoded into the training features (--space latent)
     classifier_epochs: int = 6  # the digit classifier's training (evaluations/digits.py)
+    ckpt_every: int = 500  # a killed run resumes from here: at most this many steps are lost
 
 
 FULL = Plan(steps=2000, sampling_steps=50, n_samples=500, n_ref=1000, n_maps=64, bootstraps=BOOTSTRAPS, chunk=250)
 FULL_LATENT = dataclasses.replace(FULL, steps=4000)  # latents are harder to fit than 16 x 16 pixels
 QUICK = Plan(steps=12, sampling_steps=4, n_samples=16, n_ref=24, n_maps=4, bootstraps=2, chunk=16, ae_steps=20,
-             n_latents=64, classifier_epochs=1)
+             n_latents=64, classifier_epochs=1, ckpt_every=6)
 
 
 class ReproduceError(RuntimeError):
@@ -140,31 +163,63 @@ def scaffold_share(cfg) -> float:
     return coeffs[0] / quadratic(coeffs, round(dc.grid[0] * dc.grid[1] / cfg.model.downsample_factor))
 
 
+def budget_steps(plan: Plan) -> tuple:
+    """Table 3's training budgets in steps: UPCYCLE_BUDGETS of the from-scratch run, at least one step each."""
+    return tuple(max(1, round(b * plan.steps)) for b in UPCYCLE_BUDGETS)
+
+
+def distill_steps(plan: Plan) -> int:
+    """Table 3's activation-distillation warm-up in steps: DISTILL_SHARE of the from-scratch run, at least one."""
+    return max(1, round(DISTILL_SHARE * plan.steps))
+
+
 def run_specs(depths: dict, plan: Plan, configs: tuple = (DCDIT_CONFIG, DIT_CONFIG), data: tuple = (),
-              two_stage: tuple = None, tables: tuple = tuple(TABLES)) -> dict:
-    """key -> (label, config, overrides) of the training runs of `tables` (all four runs by default); `data` adds
+              two_stage: tuple = None, tables: tuple = tuple(TABLES), dcdit_cfg=None) -> dict:
+    """key -> (label, config, overrides) of the training runs of `tables` (every table's by default); `data` adds
     the latent space's data overrides, `two_stage` (overrides, info from two_stage_spec) one more run: the
-    two-stage DC-DiT."""
+    two-stage DC-DiT. Overrides may name another run's final checkpoint as {key} (the teacher an upcycled run
+    starts from, the DC-DiT DyDiT fine-tunes): runs are trained in this order, so it exists by then."""
     dcdit, dit = configs
     half = plan.steps // 2
-    common = [f"train.max_steps={plan.steps}", f"train.ckpt_every={max(1, half)}", "train.log_every=100",
-              f"sample.num_sampling_steps={plan.sampling_steps}", *data]
+    def steps(n: int, every: int) -> list:
+        return [f"train.max_steps={n}", f"train.ckpt_every={every}", "train.log_every=100",
+                f"sample.num_sampling_steps={plan.sampling_steps}", *data]
+
+    every = math.gcd(plan.ckpt_every, plan.steps)
+    common = steps(plan.steps, every)
     budget = ["train.multi_budget=true", f"train.multi_budget_start_step={half}"]
+    budgets = budget_steps(plan)
+    # Table 3 scores the from-scratch DC-DiT at the upcycled runs' budgets too: checkpoints at each of them.
+    dcdit_every = math.gcd(every, *budgets) if "3" in tables else every
+    upcycle = steps(budgets[-1], math.gcd(*budgets)) + ["model.cond_adaptor=true", "upcycle.checkpoint={teacher}"]
+    dydit_steps = max(1, round(DYDIT_SHARE * plan.steps))
+    teacher_depth = dcdit_cfg.model.depth if dcdit_cfg is not None else depths["isoparam"]
+    lr = dcdit_cfg.train.lr if dcdit_cfg is not None else 3e-4
     specs = {
-        "dcdit": ("DC-DiT learned router", dcdit, common + budget),
+        "dcdit": ("DC-DiT learned router", dcdit, steps(plan.steps, dcdit_every) + budget),
         "random": ("DC-DiT random router", dcdit, common + budget + ["model.router=random"]),
         "isoparam": (f"DiT/2 isoparam (depth {depths['isoparam']})", dit,
                      common + [f"model.depth={depths['isoparam']}"]),
         "isoflop": (f"DiT/2 isoflop (depth {depths['isoflop']})", dit,
                     common + [f"model.depth={depths['isoflop']}"]),
+        # Table 3's teacher: a DiT/2 whose blocks are the DC-DiT's inner blocks (depth, width, heads), as DiT-XL/2
+        # is DC-DiT-XL's.
+        "teacher": (f"DiT/2 teacher (depth {teacher_depth})", dit, common + [f"model.depth={teacher_depth}"]),
+        "upcycle": ("DC-DiT upcycled", dcdit, upcycle + ["upcycle.distill_steps=0"]),
+        "distill": ("DC-DiT upcycled + distilled", dcdit,
+                    upcycle + [f"upcycle.distill_steps={distill_steps(plan)}"]),
+        "dydit": (f"DC-DiT + DyDiT (lambda = {DYDIT_TARGET})", dcdit,
+                  steps(dydit_steps, dydit_steps)
+                  + ["train.multi_budget=true", "train.multi_budget_start_step=0", f"train.lr={lr * DYDIT_LR_SCALE:g}",
+                     "dydit.enabled=true", f"dydit.target_ratio={DYDIT_TARGET}", "dydit.flops_scope=model",
+                     "dydit.init_checkpoint={dcdit}"]),
     }
-    wanted = {k for t in tables for k in TABLES[t]}
-    specs = {k: v for k, v in specs.items() if k in wanted}
     if two_stage is not None:
         overrides, info = two_stage
         specs["twostage"] = (f"DC-DiT two-stage N = 2 x 2 (inner depth {info['depth']})", dcdit,
                              common + budget + list(overrides))
-    return specs
+    wanted = {k for t in tables for k in TABLES[t]} | ({"twostage"} if two_stage is not None else set())
+    return {k: specs[k] for k in TRAIN_ORDER if k in wanted}
 
 
 def _run(cmd: list, what: str) -> None:
@@ -211,10 +266,16 @@ def final_checkpoint(run_root: str, steps: int):
     return found[-1] if found else None
 
 
-def train(key: str, config: str, overrides: list, work: str, plan: Plan) -> dict:
+def max_steps(overrides: list) -> int:
+    """The train.max_steps a run's overrides set (the last one wins, as in config.py)."""
+    return [int(o.split("=", 1)[1]) for o in overrides if o.startswith("train.max_steps=")][-1]
+
+
+def train(key: str, config: str, overrides: list, work: str) -> dict:
     """Train one model with train.py in a child process (its own Accelerate state); skip or resume."""
     run_root = os.path.join(work, "runs", key)
-    done = final_checkpoint(run_root, plan.steps)
+    steps = max_steps(overrides)
+    done = final_checkpoint(run_root, steps)
     if done:
         print(f"[{key}] already trained: {done}", flush=True)
         return {"ckpt": done, "seconds": None, "command": None}
@@ -227,9 +288,9 @@ def train(key: str, config: str, overrides: list, work: str, plan: Plan) -> dict
     start = time.perf_counter()
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:
         raise ReproduceError(f"training run {key!r} failed (command above); rerun to resume it")
-    ckpt = final_checkpoint(run_root, plan.steps)
+    ckpt = final_checkpoint(run_root, steps)
     if ckpt is None:
-        raise ReproduceError(f"training run {key!r} finished without checkpoints/{plan.steps:07d}.pt in {run_root}")
+        raise ReproduceError(f"training run {key!r} finished without checkpoints/{steps:07d}.pt in {run_root}")
     rel = [os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:]]
     return {"ckpt": ckpt, "seconds": time.perf_counter() - start, "command": "python " + " ".join(rel)}
 
@@ -237,13 +298,15 @@ def train(key: str, config: str, overrides: list, work: str, plan: Plan) -> dict
 # ----------------------------------------------------------------------------- sampling and scoring
 
 
-def sample_set(model, cfg, plan: Plan, tail_drop: float, desc: str, vae=None) -> dict:
-    """n_samples images (labels 0..9 in turn, image i seeded by (SEED, i)) at one tail-drop fraction.
+def sample_set(model, cfg, plan: Plan, tail_drop: float, desc: str, vae=None, uncond_tail_drop=None) -> dict:
+    """n_samples images (labels 0..9 in turn, image i seeded by (SEED, i)) at one tail-drop fraction (and, with
+    uncond_tail_drop, Lite-CFG's fraction for the unconditional rows).
 
-    -> images (n, H, W, 3) uint8, kept (steps, 2n) [cond; uncond] for a DC-DiT else None, t (steps,), seconds.
+    -> images (n, H, W, 3) uint8, kept (steps, 2n) [cond; uncond] for a DC-DiT else None, t (steps,), seconds,
+    gated_tflops (TFLOPs/img as DyDiT's gates ran, else None).
     """
-    sampler = Sampler(model, cfg, cfg.sample.cfg_scale, tail_drop, keep_maps=False)
-    images, cond, uncond, cond0, uncond0 = [], [], [], [], []
+    sampler = Sampler(model, cfg, cfg.sample.cfg_scale, tail_drop, uncond_tail_drop, keep_maps=False)
+    images, cond, uncond, cond0, uncond0, gated = [], [], [], [], [], 0.0
     start = time.perf_counter()
     for lo in tqdm(range(0, plan.n_samples, plan.chunk), desc=desc, unit="chunk"):
         idx = list(range(lo, min(lo + plan.chunk, plan.n_samples)))
@@ -259,11 +322,13 @@ def sample_set(model, cfg, plan: Plan, tail_drop: float, desc: str, vae=None) ->
                 kept0 = torch.stack([r["kept0"] for r in sampler.records]).numpy()
                 cond0.append(kept0[:, :len(idx)])
                 uncond0.append(kept0[:, len(idx):])
+            if "flops" in sampler.records[0]:  # DyDiT: what its gates left of every row's forward
+                gated += float(sum(r["flops"].sum() for r in sampler.records))
     t = np.array([r["t"] for r in sampler.records])                                 # (steps,)
     kept = np.concatenate(cond + uncond, axis=1) if cond else None                  # (steps, rows)
     kept0 = np.concatenate(cond0 + uncond0, axis=1) if cond0 else None              # (steps, rows)
     return {"images": np.concatenate(images), "kept": kept, "kept0": kept0, "t": t,
-            "seconds": time.perf_counter() - start}
+            "gated_tflops": gated / plan.n_samples / 1e12 if gated else None, "seconds": time.perf_counter() - start}
 
 
 def zero_output(model):
@@ -377,14 +442,23 @@ def plot_enrichment(series: dict, path: str) -> None:
     _timestep_figure(path, "P(kept | stroke) / P(kept | background)", 1.0, "no preference", draw)
 
 
-def plot_tail_drop(rows: list, path: str) -> None:
-    fig, ax = pyplot().subplots(figsize=(4.5, 3.2), layout="constrained")
-    g = [1e3 * r["tflops"] for r in rows]
-    fids = [r["fid"] for r in rows]
-    ax.errorbar(g, fids, yerr=[r["fid_sd"] for r in rows], marker="o", capsize=3)
-    label_fractions(ax, g, fids, [r["f"] for r in rows])
+def plot_pareto(tail: list, lite: list, dit_rows: list, path: str) -> None:
+    """FID vs measured GFLOPs/img: the one DC-DiT checkpoint under tail dropping and Lite-CFG, and the DiT rows."""
+    fig, ax = pyplot().subplots(figsize=(5.0, 3.4), layout="constrained")
+    g = [1e3 * r["tflops"] for r in tail]
+    fids = [r["fid"] for r in tail]
+    ax.errorbar(g, fids, yerr=[r["fid_sd"] for r in tail], marker="o", capsize=3, label="DC-DiT, tail drop f")
+    label_fractions(ax, g, fids, [r["f"] for r in tail])
+    if lite:
+        ax.errorbar([1e3 * r["tflops"] for r in lite], [r["fid"] for r in lite], yerr=[r["fid_sd"] for r in lite],
+                    marker="s", ls="none", capsize=3, label="DC-DiT, Lite-CFG (uncond f = "
+                    + ", ".join(f"{r['uncond_f']:g}" for r in lite) + ")")
+    for r in dit_rows:
+        ax.errorbar([1e3 * r["tflops"]], [r["fid"]], yerr=[r["fid_sd"]], marker="^", ls="none", capsize=3,
+                    label=r["label"])
     ax.set_xlabel("GFLOPs / image (measured)")
     ax.set_ylabel("FID")
+    ax.legend(fontsize=6)
     write_figure(fig, path, dpi=110)
 
 
@@ -407,17 +481,58 @@ def _mean_where(series: dict, key: str, lo: int, hi: int) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def _beats(a: dict, b: dict) -> tuple:
+    """(row a has the lower FID, the evidence: both FIDs, the margin and whether it exceeds 2 bootstrap sd)."""
+    margin = b["fid"] - a["fid"]
+    noise = 2 * float(np.hypot(a["fid_sd"], b["fid_sd"]))
+    sig = "beyond" if abs(margin) > noise else "within"
+    return a["fid"] < b["fid"], f"FID {a['fid']:.2f} vs {b['fid']:.2f}; margin {margin:+.2f}, {sig} 2 bootstrap sd " \
+                                f"({noise:.2f})"
+
+
+def upcycling_claims(res: dict) -> list:
+    """Table 3's three claims (§4.4), judged on the budget rows (empty when Table 3 was not run)."""
+    rows = {(r["run"], r["steps"]): r for r in res.get("upcycling") or []}
+    if not rows:
+        return []
+    b, full, teacher = res["budgets"], res["models"]["dcdit"], res["models"]["teacher"]
+    pct = lambda steps: f"{100 * steps / res['plan']['steps']:.3g}%"  # noqa: E731
+    claims = []
+    for run, steps, text in (("distill", b[1], f"Upcycled + distilled at {pct(b[1])} of the steps beats the "
+                              "from-scratch DC-DiT and the DiT teacher at 100% (Table 3)"),
+                             ("upcycle", b[2], f"Upcycled without distillation at {pct(b[2])} of the steps beats the "
+                              "from-scratch DC-DiT and the DiT teacher at 100% (Table 3)")):
+        r = rows[(run, steps)]
+        held_dc, ev_dc = _beats(r, full)
+        held_dit, ev_dit = _beats(r, teacher)
+        claims.append((text, held_dc and held_dit, f"vs DC-DiT: {ev_dc}; vs teacher: {ev_dit}"))
+    held, ev = _beats(rows[("distill", b[0])], rows[("upcycle", b[0])])
+    claims.append((f"The distillation warm-up speeds early convergence: at {pct(b[0])} of the steps the distilled run "
+                   "beats the undistilled one (Table 3)", held, ev))
+    return claims
+
+
+def dydit_claim(res: dict) -> list:
+    """Table 4 (§4.5): DyDiT's gates cut FLOPs to about lambda at comparable FID (empty when it was not run)."""
+    if "dydit" not in res["models"]:
+        return []
+    dy, dc, target = res["models"]["dydit"], res["models"]["dcdit"], res["dydit"]["target"]
+    noise = 2 * float(np.hypot(dy["fid_sd"], dc["fid_sd"]))
+    reached = dy["flops_ratio"] <= target + 0.05
+    comparable = dy["fid"] - dc["fid"] <= noise
+    return [(f"DyDiT on the inner blocks cuts FLOPs to about lambda = {target:g} at comparable FID (Table 4)",
+             reached and comparable,
+             f"FLOPs ratio {dy['flops_ratio']:.3f} of the DC-DiT's at the same kept tokens (criterion <= "
+             f"{target + 0.05:.2f}); GFLOPs/img {1e3 * dy['tflops']:.2f} vs {1e3 * dc['tflops']:.2f}; FID "
+             f"{dy['fid']:.2f} vs {dc['fid']:.2f} (criterion: no worse by more than 2 bootstrap sd, {noise:.2f})")]
+
+
 def judge(res: dict) -> list:
     """(claim, held, evidence) for each qualitative claim, from the numbers alone."""
     fid = {k: res["models"][k]["fid"] for k in res["models"]}
-    sd = {k: res["models"][k]["fid_sd"] for k in res["models"]}
 
     def beats(a: str, b: str) -> tuple:
-        margin = fid[b] - fid[a]
-        noise = 2 * float(np.hypot(sd[a], sd[b]))
-        sig = "beyond" if margin > noise else "within"
-        return fid[a] < fid[b], (f"FID {fid[a]:.2f} vs {fid[b]:.2f}; margin {margin:+.2f}, {sig} 2 bootstrap sd "
-                                 f"({noise:.2f})")
+        return _beats(res["models"][a], res["models"][b])
 
     claims = []
     for other, text in (("random", "A learned router beats random boundaries (Table 2)"),
@@ -451,7 +566,7 @@ def judge(res: dict) -> list:
     claims.append(("One checkpoint degrades smoothly under tail dropping (authors' Pareto figure)", smooth,
                    "FID " + " -> ".join(f"{r['fid']:.2f} (f={r['f']:g}, {1e3 * r['tflops']:.2f} GFLOPs)" for r in td)
                    + "; criterion: GFLOPs fall and each step changes FID by a factor in [0.9, 1.5]"))
-    return claims
+    return claims + upcycling_claims(res) + dydit_claim(res)
 
 
 def two_stage_section(res: dict) -> list:
@@ -482,6 +597,56 @@ def two_stage_section(res: dict) -> list:
                          f"{_mean_where(row, 'enrichment', 250, 750):.2f} | {_mean_where(row, 'enrichment', 0, 250):.2f}"
                          f" | {float(np.nanmean(row['enrichment'])):.2f} |")
     return lines + ["", "![two-stage boundary maps](boundary_maps_two_stage.png)", ""]
+
+
+def upcycling_section(res: dict) -> list:
+    """Table 3 in miniature (empty when it was not run)."""
+    if not res.get("upcycling"):
+        return []
+    p, teacher, full = res["plan"], res["models"]["teacher"], res["models"]["dcdit"]
+    names = {"scratch": "DC-DiT from scratch", "upcycle": "DC-DiT upcycled",
+             "distill": f"DC-DiT upcycled + distilled ({res['distill_steps']} steps)"}
+    lines = ["## Table 3 in miniature: upcycling", "",
+             f"The teacher is a DiT/2 whose blocks are the DC-DiT's inner blocks ({teacher['label']}, "
+             f"{teacher['params'] / 1e6:.3f}M parameters), trained {p['steps']} steps with the same recipe. Upcycling "
+             "(`upcycle.checkpoint`, models/upcycle.py) copies its blocks and embedders into a fresh DC-DiT, freezes "
+             "the embedders and adds the LayerNorm adaptor on c; `+ distilled` first trains on activation "
+             f"distillation from the frozen teacher for {res['distill_steps']} steps "
+             f"({100 * res['distill_steps'] / p['steps']:.3g}% "
+             "of the from-scratch steps, the paper's 5K of 400K). Every run is scored at "
+             + ", ".join(f"{b} steps ({100 * b / p['steps']:.3g}%)" for b in res["budgets"])
+             + " of the from-scratch run's budget; the from-scratch DC-DiT at those steps is the Table 1 run's own "
+             "checkpoint (before its multi-budget phase).", "",
+             "| model | steps | share of budget | GFLOPs/img | FID | recognised |", "|---|---:|---:|---:|---:|---:|",
+             f"| {teacher['label']} | {p['steps']} | 100% | {1e3 * teacher['tflops']:.2f} | "
+             f"{teacher['fid']:.2f} ± {teacher['fid_sd']:.2f} | {100 * teacher['recognised']:.1f}% |",
+             f"| DC-DiT from scratch | {p['steps']} | 100% | {1e3 * full['tflops']:.2f} | "
+             f"{full['fid']:.2f} ± {full['fid_sd']:.2f} | {100 * full['recognised']:.1f}% |"]
+    for r in sorted(res["upcycling"], key=lambda r: (("scratch", "upcycle", "distill").index(r["run"]), r["steps"])):
+        lines.append(f"| {names[r['run']]} | {r['steps']} | {100 * r['steps'] / p['steps']:.3g}% | "
+                     f"{1e3 * r['tflops']:.2f} | {r['fid']:.2f} ± {r['fid_sd']:.2f} | {100 * r['recognised']:.1f}% |")
+    return lines + ["", "Unlike the paper's teacher (DiT-XL/2 trained 17.5 x the DC-DiT's budget), this teacher "
+                    "trained for the same steps as the from-scratch DC-DiT, so upcycling starts from a weaker "
+                    "backbone here than there.", ""]
+
+
+def dydit_section(res: dict) -> list:
+    """Table 4 in miniature (empty when it was not run)."""
+    if "dydit" not in res["models"]:
+        return []
+    dy, dc, d = res["models"]["dydit"], res["models"]["dcdit"], res["dydit"]
+    return ["## Table 4 in miniature: DC-DiT + DyDiT", "",
+            f"DyDiT's head, MLP-group and token gates on the inner blocks (models/dydit.py), fine-tuned from the "
+            f"trained DC-DiT for {d['steps']} steps ({100 * d['steps'] / res['plan']['steps']:.3g}% of its budget, the "
+            f"paper's 120K of 400K) at lr {d['lr']:g} (1/5 of the training lr, as 2e-5 is of 1e-4), FLOPs loss "
+            f"towards lambda = {d['target']:g} of the whole forward (`dydit.flops_scope=model`). GFLOPs/img are "
+            "priced from what the gates left of every row at every sampling step; the FLOPs ratio is over the "
+            "DC-DiT's cost at the same kept tokens.", "",
+            "| model | GFLOPs/img | FLOPs ratio | FID | recognised |", "|---|---:|---:|---:|---:|",
+            f"| {dc['label']} | {1e3 * dc['tflops']:.2f} | 1 | {dc['fid']:.2f} ± {dc['fid_sd']:.2f} | "
+            f"{100 * dc['recognised']:.1f}% |",
+            f"| {dy['label']} | {1e3 * dy['tflops']:.2f} | {dy['flops_ratio']:.3f} | {dy['fid']:.2f} ± "
+            f"{dy['fid_sd']:.2f} | {100 * dy['recognised']:.1f}% |", ""]
 
 
 def agreement_section(res: dict) -> list:
@@ -589,6 +754,8 @@ def write_report(res: dict, out: str) -> str:
               "| model | params | GFLOPs/img (measured) | mean compression L/M | FID | recognised | train min | "
               "sample min |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for k, m in res["models"].items():
+        if k not in TABLE1_ROWS:  # Tables 3 and 4 have their own sections
+            continue
         tm = "" if m["train_seconds"] is None else f"{m['train_seconds'] / 60:.1f}"
         lines.append(f"| {m['label']} | {m['params'] / 1e6:.3f}M | {1e3 * m['tflops']:.2f} | {m['compression']:.2f} | "
                      f"{m['fid']:.2f} ± {m['fid_sd']:.2f} | {rec(m)} | {tm} | {m['sample_seconds'] / 60:.1f} |")
@@ -621,15 +788,24 @@ def write_report(res: dict, out: str) -> str:
         lines.append(f"| {res['models'][k]['label']} | {_mean_where(c, 'mean', 750, 1000):.2f} | "
                      f"{_mean_where(c, 'mean', 250, 750):.2f} | {_mean_where(c, 'mean', 0, 250):.2f} | "
                      f"{c['overall']:.2f} |")
-    lines += ["", "![compression](compression_vs_t.png)", "", "## Tail dropping (one multi-budget checkpoint)", "",
-              "Each sample drops floor(f M) of its lowest-probability boundary tokens at every step (both CFG rows):",
-              "", "| f | GFLOPs/img (measured) | vs f = 0 | mean compression | FID | recognised |",
-              "|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "![compression](compression_vs_t.png)", "",
+              "## Tail dropping and Lite-CFG (one multi-budget checkpoint)", "",
+              "Each sample drops floor(f M) of its lowest-probability boundary tokens at every step (both CFG rows; "
+              "under Lite-CFG the conditional rows keep f = 0 and only the unconditional rows drop):",
+              "", "| conditional f | unconditional f | GFLOPs/img (measured) | vs f = 0 | mean compression | FID | "
+              "recognised |", "|---:|---:|---:|---:|---:|---:|---:|"]
     base = res["tail_drop"][0]["tflops"]
-    for r in res["tail_drop"]:
-        lines.append(f"| {r['f']:g} | {1e3 * r['tflops']:.2f} | {r['tflops'] / base:.3f} | {r['compression']:.2f} | "
-                     f"{r['fid']:.2f} ± {r['fid_sd']:.2f} | {rec(r)} |")
-    lines += ["", "![tail drop](tail_drop.png)", ""] + two_stage_section(res) + ["## Differences from the paper's setting", "",
+    for r in res["tail_drop"] + (res.get("lite_cfg") or []):
+        lines.append(f"| {r['f']:g} | {r.get('uncond_f', r['f']):g} | {1e3 * r['tflops']:.2f} | "
+                     f"{r['tflops'] / base:.3f} | {r['compression']:.2f} | {r['fid']:.2f} ± {r['fid_sd']:.2f} | "
+                     f"{rec(r)} |")
+    dits = [res["models"][k] for k in ("isoparam", "isoflop") if k in res["models"]]
+    lines += ["", "FID against measured GFLOPs/img: the DC-DiT checkpoint at every budget above"
+              + (", and the DiT/2 rows of Table 1 (" + ", ".join(f"{m['label']}: {1e3 * m['tflops']:.2f} GFLOPs, "
+                                                                 f"FID {m['fid']:.2f}" for m in dits) + ")"
+                 if dits else "") + ":", "", "![tail drop](tail_drop.png)", ""]
+    lines += two_stage_section(res) + upcycling_section(res) + dydit_section(res)
+    lines += ["## Differences from the paper's setting", "",
               (f"- MNIST digits as {res['input_size']} x {res['input_size']} x 4 latents of a small autoencoder "
                f"instead of ImageNet 256 SD-VAE latents; a " if latent else
                f"- MNIST at {res['input_size']} x {res['input_size']} in pixel space instead of ImageNet 256 latents; a ") +
@@ -707,7 +883,8 @@ def main_impl(argv=None) -> dict:
                              "single-stage model's at M = L/4")
     parser.add_argument("--tables", nargs="+", choices=tuple(TABLES), default=list(TABLES),
                         help="which tables to train and score: 1 = DC-DiT vs the parameter- and FLOP-matched DiT/2, "
-                             "2 = learned vs random boundaries (default both; each alone needs fewer runs)")
+                             "2 = learned vs random boundaries, 3 = upcycling a DiT/2 with and without distillation, "
+                             "4 = DyDiT fine-tune (default all; each alone needs fewer runs)")
     parser.add_argument("--rerender", action="store_true",
                         help="only rewrite OUT/REPORT.md from the numbers in OUT/results.json (after a change to the "
                              "report's wording; nothing is trained, sampled or scored)")
@@ -732,9 +909,12 @@ def main_impl(argv=None) -> dict:
     dcdit_cfg, dit_cfg = (load_config(os.path.join(ROOT, c), data) for c in configs)
     depths = matched_depths(dcdit_cfg, dit_cfg)
     two_stage = two_stage_spec(dcdit_cfg) if args.two_stage else None
-    specs = run_specs(depths, plan, configs, data, two_stage, tuple(args.tables))
+    specs = run_specs(depths, plan, configs, data, two_stage, tuple(args.tables), dcdit_cfg)
     start = time.perf_counter()
-    trained = {k: train(k, cfg, ov, work, plan) for k, (_, cfg, ov) in specs.items()}
+    trained = {}
+    for key, (_, cfg, overrides) in specs.items():  # {key} in an override: that run's final checkpoint
+        overrides = [o.format(**{k: v["ckpt"] for k, v in trained.items()}) for o in overrides]
+        trained[key] = train(key, cfg, overrides, work)
     phases[f"training ({len(specs)} models)"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -754,25 +934,40 @@ def main_impl(argv=None) -> dict:
     phases["reference features"] = time.perf_counter() - start
 
     models, sets, compression, enrichment, tail, by_key, zero_row = {}, {}, {}, {}, [], {}, None
+    lite, upcycling = [], []
     viz_path = os.path.join(out, "boundary_maps.png")
+
+    def score(model, cfg, name: str, f: float = 0.0, uncond_f=None, vae=None) -> tuple:
+        """Sample one set and score it -> (row, the sample set); its wall times go to `phases`."""
+        start = time.perf_counter()
+        s = sample_set(model, cfg, plan, f, desc=f"sample {name}", vae=vae, uncond_tail_drop=uncond_f)
+        phases[f"sampling {name}"] = time.perf_counter() - start
+        start = time.perf_counter()
+        fid, fid_sd = fid_with_spread(ref_stats, features(net, s["images"], f"features {name}"), plan.bootstraps)
+        phases[f"FID {name}"] = time.perf_counter() - start
+        ratio = compression_by_step(s["kept"], s["t"], cfg.model.input_size ** 2) if s["kept"] is not None else None
+        labels = np.arange(plan.n_samples) % cfg.model.num_classes
+        row = {"f": f, "tflops": tflops_per_image(model, s["kept"], plan.sampling_steps, s["kept0"]), "fid": fid,
+               "fid_sd": fid_sd, "compression": ratio["overall"] if ratio else float(model.patch_size ** 2),
+               "recognised": recognised(classifier, s["images"], labels)}
+        if s["gated_tflops"] is not None:  # DyDiT: the FLOPs its gates left, against the DC-DiT's at those tokens
+            row["flops_ratio"], row["tflops"] = s["gated_tflops"] / row["tflops"], s["gated_tflops"]
+        return dict(row, ratio=ratio), s
+
+    def budget_checkpoint(key: str, steps: int) -> str:
+        path = os.path.join(os.path.dirname(trained[key]["ckpt"]), f"{steps:07d}.pt")
+        if not os.path.isfile(path):
+            raise ReproduceError(f"Table 3 needs {path} (run {key!r} saved no checkpoint at step {steps}); delete "
+                                 f"{os.path.dirname(os.path.dirname(path))} and rerun to train it again")
+        return path
+
+    budgets = budget_steps(plan)
     for key, (label, _, _) in specs.items():
         model, cfg = load_model_for_sampling(SimpleNamespace(config=None, overrides=[]), trained[key]["ckpt"])
         vae = load_vae_if_latent(cfg, "cpu")
-        L = cfg.model.input_size ** 2
-        fractions = FRACTIONS if key == "dcdit" else (0.0,)
-        for f in fractions:
-            start = time.perf_counter()
-            s = sample_set(model, cfg, plan, f, desc=f"sample {key} f={f:g}", vae=vae)
-            phases[f"sampling {key} f={f:g}"] = time.perf_counter() - start
-            start = time.perf_counter()
-            fid, fid_sd = fid_with_spread(ref_stats, features(net, s["images"], f"features {key} f={f:g}"),
-                                          plan.bootstraps)
-            phases[f"FID {key} f={f:g}"] = time.perf_counter() - start
-            ratio = compression_by_step(s["kept"], s["t"], L) if s["kept"] is not None else None
-            labels = np.arange(plan.n_samples) % cfg.model.num_classes
-            row = {"f": f, "tflops": tflops_per_image(model, s["kept"], plan.sampling_steps, s["kept0"]), "fid": fid,
-                   "fid_sd": fid_sd, "compression": ratio["overall"] if ratio else float(model.patch_size ** 2),
-                   "recognised": recognised(classifier, s["images"], labels)}
+        for f in (FRACTIONS if key == "dcdit" else (0.0,)):
+            row, s = score(model, cfg, f"{key} f={f:g}", f, vae=vae)
+            ratio = row.pop("ratio")
             if f == 0.0:
                 sets[label] = by_key[key] = s["images"]
                 models[key] = dict(row, label=label, params=count_params(model), train_seconds=trained[key]["seconds"],
@@ -781,19 +976,30 @@ def main_impl(argv=None) -> dict:
                 if ratio:
                     compression[key] = ratio
                 if s["kept0"] is not None:  # a two-stage model: stage 0's compression L/M0 too
-                    compression[f"{key}_stage0"] = compression_by_step(s["kept0"], s["t"], L)
+                    compression[f"{key}_stage0"] = compression_by_step(s["kept0"], s["t"], cfg.model.input_size ** 2)
             if key == "dcdit":
                 tail.append(row)
+        if key == "dcdit":  # Lite-CFG: the conditional branch at f = 0, the unconditional one cheaper
+            for u in LITE_CFG_FRACTIONS:
+                row, _ = score(model, cfg, f"dcdit lite-cfg uncond f={u:g}", 0.0, u, vae=vae)
+                row.pop("ratio")
+                lite.append(dict(row, uncond_f=u))
+        if key in ("upcycle", "distill") or (key == "dcdit" and "3" in args.tables):
+            for b in budgets:  # Table 3: each run at each budget (the upcycled runs end at the last one)
+                if key != "dcdit" and b == budgets[-1]:
+                    row = dict(models[key])
+                else:
+                    m, c = load_model_for_sampling(SimpleNamespace(config=None, overrides=[]),
+                                                   budget_checkpoint(key, b))
+                    row, _ = score(m, c, f"{key} at step {b}", vae=vae)
+                upcycling.append({"run": "scratch" if key == "dcdit" else key, "steps": b, "fid": row["fid"],
+                                  "fid_sd": row["fid_sd"], "recognised": row["recognised"],
+                                  "tflops": row["tflops"], "compression": row["compression"]})
         if key == "isoparam":  # the same seeds through a DiT that predicts nothing: the no-learning reference
-            start = time.perf_counter()
-            s = sample_set(zero_output(model), cfg, plan, 0.0, desc="sample zero-output DiT", vae=vae)
+            row, s = score(zero_output(model), cfg, "zero-output DiT", vae=vae)
             by_key["zero"] = s["images"]
-            fid, fid_sd = fid_with_spread(ref_stats, features(net, s["images"], "features zero-output"),
-                                          plan.bootstraps)
-            labels = np.arange(plan.n_samples) % cfg.model.num_classes
-            zero_row = {"label": f"{label}, output layer zeroed", "fid": fid, "fid_sd": fid_sd,
-                        "recognised": recognised(classifier, s["images"], labels)}
-            phases["zero-output reference"] = time.perf_counter() - start
+            zero_row = {"label": f"{label}, output layer zeroed", "fid": row["fid"], "fid_sd": row["fid_sd"],
+                        "recognised": row["recognised"]}
         if key in ("dcdit", "random", "twostage"):
             start = time.perf_counter()
             path = {"dcdit": viz_path, "twostage": os.path.join(out, "boundary_maps_two_stage.png")}.get(key, "")
@@ -814,12 +1020,16 @@ def main_impl(argv=None) -> dict:
            "classifier_accuracy": classifier_accuracy, "space": args.space, "autoencoder": autoencoder,
            "configs": list(configs), "models": models, "compression": compression,
            "enrichment": enrichment, "tail_drop": tail, "phases": phases, "recipe": recipe,
-           "two_stage": two_stage[1] if two_stage else None,
+           "two_stage": two_stage[1] if two_stage else None, "lite_cfg": lite, "upcycling": upcycling,
+           "budgets": list(budgets), "distill_steps": distill_steps(plan),
+           "dydit": {"target": DYDIT_TARGET, "steps": max(1, round(DYDIT_SHARE * plan.steps)),
+                     "lr": dcdit_cfg.train.lr * DYDIT_LR_SCALE},
            "zero_output": zero_row, "recognition_bar": RECOGNITION_BAR,
            "agreement": {f"{a} vs {b}": agreement(by_key[a], by_key[b]) for a, b in AGREEMENT_PAIRS
                          if a in by_key and b in by_key}, "tables": list(args.tables),
            "input_size": dcdit_cfg.model.input_size,
-           "inner": {"depth": dcdit_cfg.model.depth, "width": dcdit_cfg.model.hidden_size}, "scaffold_share": scaffold_share(dcdit_cfg),
+           "inner": {"depth": dcdit_cfg.model.depth, "width": dcdit_cfg.model.hidden_size},
+           "scaffold_share": scaffold_share(dcdit_cfg),
            "scaffold_share_B": scaffold_share(load_config(os.path.join(ROOT, PAPER_CONFIG)))}
     res["claims"] = judge(res)
 
@@ -827,7 +1037,8 @@ def main_impl(argv=None) -> dict:
     plot_compression({specs[k][0]: v for k, v in compression.items() if k in specs}, 4.0,
                      os.path.join(out, "compression_vs_t.png"))
     plot_enrichment({specs[k][0]: v for k, v in enrichment.items()}, os.path.join(out, "enrichment.png"))
-    plot_tail_drop(tail, os.path.join(out, "tail_drop.png"))
+    plot_pareto(tail, lite, [dict(models[k], label=models[k]["label"]) for k in ("isoparam", "isoflop") if k in models],
+                os.path.join(out, "tail_drop.png"))
     res["total_seconds"] = time.perf_counter() - t0
     atomic_write(os.path.join(out, "results.json"), lambda f: f.write(json.dumps(_jsonable(res), indent=1).encode()))
     path = write_report(res, out)
