@@ -349,6 +349,18 @@ def test_child_peak_memory_is_its_own():
     assert child < bench._max_rss() - big.numel() * 2
 
 
+def test_plugback_section_compares_the_cdist_table_with_the_two_pass_plug_back(tmp_path, monkeypatch):
+    calls = []
+    real = bench.plug_back_index
+    monkeypatch.setattr(bench, "plug_back_index", lambda *a: calls.append(1) or real(*a))
+    run, stdout = run_bench(tmp_path / "bench.json", "--sections", "plugback")
+    res = run["results"]["tiny"]["2"]["plugback"]
+    assert set(res["times"]) == {f"{what} {case}" for what in ("cdist table", "two-pass") for case in ("equal", "varied")}
+    assert all(math.isfinite(v) and v > 0 for v in res["cdist_over_two_pass"].values())
+    assert len(calls) == 4  # per case: the agreement check and one timed run (1 repeat, no warmup)
+    assert "plug-back, cdist table / two-pass (equal counts" in stdout
+
+
 def test_tf32_section_times_both_settings_and_restores_the_flag(tmp_path, monkeypatch):
     seen = []
     real_step = bench.train_step

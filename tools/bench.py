@@ -12,6 +12,8 @@ Sections (docs/performance.md gives each protocol in full):
   compile   torch.compile(dynamic=True) against eager, with the graph breaks it finds.
   tf32      training steps of DC-DiT and the public DiT with fp32 matmuls in full fp32 against TF32 (train.tf32):
             under bf16 autocast only the router's and de-chunking's fp32 arithmetic changes.
+  plugback  plug-back (models.chunking.plug_back_index, a two-pass distance transform) against the (B, L, Mmax)
+            torch.cdist table it replaced, at equal and varied kept counts.
   elastic   tail dropping over --fractions, with the router of a trained --ckpt when given.
   lite_cfg  Lite-CFG (the unconditional half drops --uncond-fraction of its tokens) against plain CFG.
   dydit     DyDiT's gates (§4.5) on the DC-DiT: fixed gate patterns (or a --ckpt's own gates) against no gates.
@@ -57,12 +59,16 @@ from models.dydit import GATE_PREFIXES, dydit_execution, fix_gates, load_dcdit_w
 from models.flops import (block_flops, component_flops, count_params, dcdit_flops_coeffs, dydit_dims,
                           dydit_info_row_flops, dydit_row_flops, forward_flops, quadratic, stage_flops,
                           static_block_flops)
+from models.chunking import chunk, grid_coords, plug_back_index
 from models.routing import keep_exactly, ratio_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where configs/ lives
 
-SECTIONS = ("train", "sample", "shares", "packed", "memory", "compile", "tf32", "elastic", "lite_cfg", "dydit")
-CUDA_DEFAULT_ONLY = ("compile", "tf32")  # in the default sections on CUDA only (compile: minutes on a CPU; tf32: no-op)
+SECTIONS = ("train", "sample", "shares", "packed", "memory", "compile", "tf32", "plugback", "elastic", "lite_cfg",
+            "dydit")
+# In the default sections on CUDA only (compile: minutes on a CPU; tf32: a no-op there; plugback: its subject is
+# CUDA's cdist kernel).
+CUDA_DEFAULT_ONLY = ("compile", "tf32", "plugback")
 SIZES = ("tiny", "S", "B", "L", "XL")
 TAIL_DROPS = (0.0, 0.3, 0.6)             # the sample section's fractions; its target is at 0.6
 ELASTIC_FRACTIONS = (0.0, 0.3, 0.6, 0.9)  # the elastic section's default --fractions
@@ -820,6 +826,35 @@ def tf32_section(suite: Suite, batch: Batch, args) -> dict:
                                            for k in ("dcdit", "public")})
 
 
+def plugback_section(suite: Suite, batch: Batch, args) -> dict:
+    """Plug-back on this size's grid for the batch, M = L/N kept per sample (equal, then varied counts with the same
+    total): the two-pass distance transform against the cdist table over every (position, kept token) pair that
+    plug-back used to build (elementwise mode, then argmin; the same slots)."""
+    B, (H, W), dev = batch.x.shape[0], suite.dc_meta.grid, suite.device
+    g = torch.Generator().manual_seed(0)
+    every = grid_coords(torch.arange(H * W, device=dev), (H, W)).expand(B, -1, -1)  # (B, L, 2)
+
+    def cdist_table(pos):
+        return torch.cdist(every, pos, compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=2)  # (B, L)
+
+    jobs, cases = {}, {"equal": [suite.kept] * B, "varied": varied_counts(B, suite.kept)}
+    for case, counts in cases.items():
+        mask = torch.zeros(B, H * W, dtype=torch.bool)
+        for b, m in enumerate(counts):
+            mask[b, torch.randperm(H * W, generator=g)[:m]] = True
+        _, valid, idx = chunk(torch.zeros(B, H * W, 1), mask, torch.rand(B, H * W, generator=g))
+        idx, valid = idx.to(dev), valid.to(dev)
+        pos = grid_coords(idx, (H, W)).masked_fill(~valid.unsqueeze(-1), 1e6)  # (B, Mmax, 2) padding out of reach
+        if not torch.equal(cdist_table(pos), plug_back_index(idx, valid, (H, W))):
+            raise BenchError(f"plugback: the two-pass plug-back and the cdist table disagree ({case} counts)")
+        jobs[f"cdist table {case}"] = partial(cdist_table, pos)
+        jobs[f"two-pass {case}"] = partial(plug_back_index, idx, valid, (H, W))
+    med = measure(jobs, args.repeats, args.warmup, dev, "plugback")
+    return dict(times=med, grid=[H, W], kept=suite.kept,
+                cdist_over_two_pass={case: med[f"cdist table {case}"]["median_s"] / med[f"two-pass {case}"]["median_s"]
+                                     for case in cases})
+
+
 # -- elastic, lite_cfg, dydit: sampling steps -------------------------------------------------------
 
 def checkpoint_model(suite: Suite, args, dydit: bool) -> Tuple[DCDiT, tuple, bool]:
@@ -958,7 +993,8 @@ def dydit_section(suite: Suite, batch: Batch, args) -> dict:
 
 
 SECTION_FNS = dict(train=train_section, sample=sample_section, shares=shares_section, packed=packed_section,
-                   memory=memory_section, compile=compile_section, tf32=tf32_section, elastic=elastic_section,
+                   memory=memory_section, compile=compile_section, tf32=tf32_section, plugback=plugback_section,
+                   elastic=elastic_section,
                    lite_cfg=lite_cfg_section, dydit=dydit_section)
 
 
@@ -1097,8 +1133,16 @@ def tf32_rows(suite: Suite, r: dict) -> List[Row]:
             for k, v in r["tf32_over_fp32"].items()]
 
 
+def plugback_rows(suite: Suite, r: dict) -> List[Row]:
+    t = r["times"]
+    return [Row(f"plug-back, cdist table / two-pass ({case} counts, M = {r['kept']})",
+                f"{1e3 * t[f'cdist table {case}']['median_s']:.2f} / {1e3 * t[f'two-pass {case}']['median_s']:.2f} ms "
+                f"= {ratio:.2f}x") for case, ratio in r["cdist_over_two_pass"].items()]
+
+
 ROW_FNS = dict(train=train_rows, sample=sample_rows, shares=shares_rows, packed=packed_rows, memory=memory_rows,
-               compile=compile_rows, tf32=tf32_rows, elastic=elastic_rows, lite_cfg=lite_cfg_rows, dydit=dydit_rows)
+               compile=compile_rows, tf32=tf32_rows, plugback=plugback_rows, elastic=elastic_rows,
+               lite_cfg=lite_cfg_rows, dydit=dydit_rows)
 
 
 def print_table(rows: List[Row]) -> None:
