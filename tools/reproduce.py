@@ -110,7 +110,9 @@ class Plan:
 
 
 FULL = Plan(steps=2000, sampling_steps=50, n_samples=500, n_ref=1000, n_maps=64, bootstraps=BOOTSTRAPS, chunk=250)
-FULL_LATENT = dataclasses.replace(FULL, steps=4000)  # latents are harder to fit than 16 x 16 pixels
+# Latents: 6000 steps, with the latent configs' lr 1e-3, so that the DiT baselines become competent class-conditional
+# models (docs/reproduction.md).
+FULL_LATENT = dataclasses.replace(FULL, steps=6000)
 QUICK = Plan(steps=12, sampling_steps=4, n_samples=16, n_ref=24, n_maps=4, bootstraps=2, chunk=16, ae_steps=20,
              n_latents=64, classifier_epochs=1, ckpt_every=6)
 
@@ -190,7 +192,7 @@ def run_specs(depths: dict, plan: Plan, configs: tuple = (DCDIT_CONFIG, DIT_CONF
     budget = ["train.multi_budget=true", f"train.multi_budget_start_step={half}"]
     budgets = budget_steps(plan)
     # Table 3 scores the from-scratch DC-DiT at the upcycled runs' budgets too: checkpoints at each of them.
-    dcdit_every = math.gcd(every, *budgets) if "3" in tables else every
+    dcdit_every = math.gcd(*budgets, plan.steps) if "3" in tables else every
     upcycle = steps(budgets[-1], math.gcd(*budgets)) + ["model.cond_adaptor=true", "upcycle.checkpoint={teacher}"]
     dydit_steps = max(1, round(DYDIT_SHARE * plan.steps))
     teacher_depth = dcdit_cfg.model.depth if dcdit_cfg is not None else depths["isoparam"]
@@ -209,7 +211,7 @@ def run_specs(depths: dict, plan: Plan, configs: tuple = (DCDIT_CONFIG, DIT_CONF
         "distill": ("DC-DiT upcycled + distilled", dcdit,
                     upcycle + [f"upcycle.distill_steps={distill_steps(plan)}"]),
         "dydit": (f"DC-DiT + DyDiT (lambda = {DYDIT_TARGET})", dcdit,
-                  steps(dydit_steps, dydit_steps)
+                  steps(dydit_steps, math.gcd(plan.ckpt_every, dydit_steps))
                   + ["train.multi_budget=true", "train.multi_budget_start_step=0", f"train.lr={lr * DYDIT_LR_SCALE:g}",
                      "dydit.enabled=true", f"dydit.target_ratio={DYDIT_TARGET}", "dydit.flops_scope=model",
                      "dydit.init_checkpoint={dcdit}"]),
