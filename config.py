@@ -132,6 +132,7 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False           # deterministic kernels (exact resume on GPUs; slower)
     tf32: bool = False                    # TF32 fp32 matmuls on CUDA (DiT's train.py: on; the release's: off)
+    fused_adamw: bool = True              # AdamW's fused CUDA kernels: the same update, fewer kernels (CPU: foreach)
     init_from: str = ""                   # a checkpoint whose weights start a new run (fresh optimizer, step 0)
     init_weights: str = "ema"             # which weights of init_from: "ema" | "model"
     profile_steps: list[int] = field(default_factory=list)  # [a, b]: torch.profiler trace of steps a..b

@@ -73,7 +73,7 @@ if [ "$MODE" = dry ]; then
     --sections train packed --json "$OUT/bench.json"
 else
   step bench timeout 210 "$PY" tools/bench.py --sizes B XL --batch 32 --repeats 3 \
-    --sections train sample shares packed memory tf32 plugback elastic lite_cfg --profile-stages dechunk route \
+    --sections train sample shares packed memory tf32 adamw plugback elastic lite_cfg --profile-stages dechunk route \
     --json "$OUT/bench.json"
   step bench-compile timeout 120 "$PY" tools/bench.py --sizes B --batch 32 --repeats 3 --sections compile \
     --compile-models dcdit \

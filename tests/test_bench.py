@@ -349,6 +349,17 @@ def test_child_peak_memory_is_its_own():
     assert child < bench._max_rss() - big.numel() * 2
 
 
+def test_adamw_section_times_foreach_and_fused(tmp_path):
+    run, stdout = run_bench(tmp_path / "bench.json", "--sections", "adamw")
+    res = run["results"]["tiny"]["2"]["adamw"]
+    assert set(res["times"]) == {f"{k} {impl}" for k in ("dcdit", "public") for impl in ("foreach", "fused")}
+    assert all(math.isfinite(v) and v > 0 for v in res["fused_over_foreach"].values())
+    assert "fused / foreach AdamW" in stdout
+    opt = bench.adamw([torch.nn.Parameter(torch.ones(3))], "cpu")
+    assert not opt.defaults["fused"]  # what train.py uses on a CPU: PyTorch's default, not the fused kernels
+    assert bench.adamw([torch.nn.Parameter(torch.ones(3))], "cpu", fused=True).defaults["fused"]
+
+
 def test_plugback_section_compares_the_cdist_table_with_the_two_pass_plug_back(tmp_path, monkeypatch):
     calls = []
     real = bench.plug_back_index

@@ -12,6 +12,8 @@ Sections (docs/performance.md gives each protocol in full):
   compile   torch.compile(dynamic=True) against eager, with the graph breaks it finds.
   tf32      training steps of DC-DiT and the public DiT with fp32 matmuls in full fp32 against TF32 (train.tf32):
             under bf16 autocast only the router's and de-chunking's fp32 arithmetic changes.
+  adamw     training steps of DC-DiT and the public DiT with AdamW's foreach against its fused implementation
+            (train.fused_adamw, on by default on CUDA; the train section uses what train.py uses).
   plugback  plug-back (models.chunking.plug_back_index, a two-pass distance transform) against the (B, L, Mmax)
             torch.cdist table it replaced, at equal and varied kept counts.
   elastic   tail dropping over --fractions, with the router of a trained --ckpt when given.
@@ -64,11 +66,11 @@ from models.routing import keep_exactly, ratio_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where configs/ lives
 
-SECTIONS = ("train", "sample", "shares", "packed", "memory", "compile", "tf32", "plugback", "elastic", "lite_cfg",
-            "dydit")
-# In the default sections on CUDA only (compile: minutes on a CPU; tf32: a no-op there; plugback: its subject is
-# CUDA's cdist kernel).
-CUDA_DEFAULT_ONLY = ("compile", "tf32", "plugback")
+SECTIONS = ("train", "sample", "shares", "packed", "memory", "compile", "tf32", "adamw", "plugback", "elastic",
+            "lite_cfg", "dydit")
+# In the default sections on CUDA only (compile: minutes on a CPU; tf32: a no-op there; adamw, plugback: their
+# subjects are CUDA kernels).
+CUDA_DEFAULT_ONLY = ("compile", "tf32", "adamw", "plugback")
 SIZES = ("tiny", "S", "B", "L", "XL")
 TAIL_DROPS = (0.0, 0.3, 0.6)             # the sample section's fractions; its target is at 0.6
 ELASTIC_FRACTIONS = (0.0, 0.3, 0.6, 0.9)  # the elastic section's default --fractions
@@ -213,7 +215,7 @@ class Suite:
         torch.manual_seed(0)
         for c in self.contenders.values():
             c.model = build(c.spec, device).train()
-            c.optimizer = torch.optim.AdamW(c.model.parameters(), lr=LR, weight_decay=0.0)
+            c.optimizer = adamw(c.model.parameters(), device)
         self.diffusion = create_diffusion("")
         self.cache: dict = {}  # what several batch sizes share: stage FLOPs, the DyDiT model, a loaded --ckpt
 
@@ -277,6 +279,15 @@ def fwd_bwd(net, dcdit: bool, n_target: float, diffusion, batch: Batch, device) 
     """Forward + backward, no optimizer step: the release comparison's protocol."""
     net.zero_grad(set_to_none=True)
     training_loss(net, dcdit, n_target, diffusion, batch, device).backward()
+
+
+def adamw(params, device, fused: Optional[bool] = None) -> torch.optim.AdamW:
+    """AdamW as train.py builds it (fused kernels on CUDA, train.fused_adamw's default); fused=False: the foreach
+    implementation, fused=True: the fused one, on any device."""
+    if fused is None:
+        fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True if fused else None,
+                             foreach=None if fused else True)
 
 
 def train_step(net, optimizer, dcdit: bool, n_target: float, diffusion, batch: Batch, device) -> None:
@@ -649,7 +660,7 @@ def memory_child(job: dict) -> dict:
     spec = ModelConfig(**job["spec"])
     torch.manual_seed(0)
     model = build(spec, device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    optimizer = adamw(model.parameters(), device)
     diffusion = create_diffusion("")
     batch = make_batch(spec, job["batch"], diffusion.num_timesteps, device)
     dcdit = isinstance(model, DCDiT)
@@ -813,6 +824,22 @@ def with_tf32(fn: Callable[[], None], enabled: bool) -> Callable[[], None]:
         finally:
             torch.backends.cuda.matmul.allow_tf32 = saved
     return run
+
+
+def adamw_section(suite: Suite, batch: Batch, args) -> dict:
+    """Training steps of DC-DiT and the public DiT with AdamW's foreach against its fused implementation (each
+    with its own optimizer state on the same weights; only the time means anything)."""
+    jobs = {}
+    for k in ("dcdit", "public"):
+        c = suite.contenders[k]
+        for impl in ("foreach", "fused"):
+            opt = adamw(c.model.parameters(), suite.device, fused=impl == "fused")
+            jobs[f"{k} {impl}"] = partial(train_step, c.model, opt, c.dcdit, suite.N, suite.diffusion, batch,
+                                          suite.device)
+    with keep_exactly(suite.dc, suite.kept):
+        med = measure(jobs, args.repeats, args.warmup, suite.device, "adamw")
+    return dict(times=med, fused_over_foreach={k: med[f"{k} fused"]["median_s"] / med[f"{k} foreach"]["median_s"]
+                                               for k in ("dcdit", "public")})
 
 
 def tf32_section(suite: Suite, batch: Batch, args) -> dict:
@@ -993,7 +1020,8 @@ def dydit_section(suite: Suite, batch: Batch, args) -> dict:
 
 
 SECTION_FNS = dict(train=train_section, sample=sample_section, shares=shares_section, packed=packed_section,
-                   memory=memory_section, compile=compile_section, tf32=tf32_section, plugback=plugback_section,
+                   memory=memory_section, compile=compile_section, tf32=tf32_section, adamw=adamw_section,
+                   plugback=plugback_section,
                    elastic=elastic_section,
                    lite_cfg=lite_cfg_section, dydit=dydit_section)
 
@@ -1133,6 +1161,11 @@ def tf32_rows(suite: Suite, r: dict) -> List[Row]:
             for k, v in r["tf32_over_fp32"].items()]
 
 
+def adamw_rows(suite: Suite, r: dict) -> List[Row]:
+    return [Row(f"train step time, fused / foreach AdamW: {suite.contenders[k].label}", f"{v:.3f}")
+            for k, v in r["fused_over_foreach"].items()]
+
+
 def plugback_rows(suite: Suite, r: dict) -> List[Row]:
     t = r["times"]
     return [Row(f"plug-back, cdist table / two-pass ({case} counts, M = {r['kept']})",
@@ -1141,7 +1174,7 @@ def plugback_rows(suite: Suite, r: dict) -> List[Row]:
 
 
 ROW_FNS = dict(train=train_rows, sample=sample_rows, shares=shares_rows, packed=packed_rows, memory=memory_rows,
-               compile=compile_rows, tf32=tf32_rows, plugback=plugback_rows, elastic=elastic_rows,
+               compile=compile_rows, tf32=tf32_rows, adamw=adamw_rows, plugback=plugback_rows, elastic=elastic_rows,
                lite_cfg=lite_cfg_rows, dydit=dydit_rows)
 
 
