@@ -790,14 +790,16 @@ def write_report(res: dict, out: str) -> str:
         lines.append(f"| {res['models'][k]['label']} | {_mean_where(c, 'mean', 750, 1000):.2f} | "
                      f"{_mean_where(c, 'mean', 250, 750):.2f} | {_mean_where(c, 'mean', 0, 250):.2f} | "
                      f"{c['overall']:.2f} |")
+    lite = res.get("lite_cfg")  # results.json files written before Lite-CFG was measured have none
     lines += ["", "![compression](compression_vs_t.png)", "",
-              "## Tail dropping and Lite-CFG (one multi-budget checkpoint)", "",
-              "Each sample drops floor(f M) of its lowest-probability boundary tokens at every step (both CFG rows; "
-              "under Lite-CFG the conditional rows keep f = 0 and only the unconditional rows drop):",
+              f"## Tail dropping{' and Lite-CFG' if lite else ''} (one multi-budget checkpoint)", "",
+              "Each sample drops floor(f M) of its lowest-probability boundary tokens at every step (both CFG rows"
+              + ("; under Lite-CFG the conditional rows keep f = 0 and only the unconditional rows drop):" if lite
+                 else "):"),
               "", "| conditional f | unconditional f | GFLOPs/img (measured) | vs f = 0 | mean compression | FID | "
               "recognised |", "|---:|---:|---:|---:|---:|---:|---:|"]
     base = res["tail_drop"][0]["tflops"]
-    for r in res["tail_drop"] + (res.get("lite_cfg") or []):
+    for r in res["tail_drop"] + (lite or []):
         lines.append(f"| {r['f']:g} | {r.get('uncond_f', r['f']):g} | {1e3 * r['tflops']:.2f} | "
                      f"{r['tflops'] / base:.3f} | {r['compression']:.2f} | {r['fid']:.2f} ± {r['fid_sd']:.2f} | "
                      f"{rec(r)} |")
@@ -805,7 +807,7 @@ def write_report(res: dict, out: str) -> str:
     lines += ["", "FID against measured GFLOPs/img: the DC-DiT checkpoint at every budget above"
               + (", and the DiT/2 rows of Table 1 (" + ", ".join(f"{m['label']}: {1e3 * m['tflops']:.2f} GFLOPs, "
                                                                  f"FID {m['fid']:.2f}" for m in dits) + ")"
-                 if dits else "") + ":", "", "![tail drop](tail_drop.png)", ""]
+                 if dits and lite is not None else "") + ":", "", "![tail drop](tail_drop.png)", ""]
     lines += two_stage_section(res) + upcycling_section(res) + dydit_section(res)
     lines += ["## Differences from the paper's setting", "",
               (f"- MNIST digits as {res['input_size']} x {res['input_size']} x 4 latents of a small autoencoder "
