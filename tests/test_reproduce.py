@@ -197,6 +197,25 @@ def test_quick_latent_pipeline_end_to_end(tmp_path, monkeypatch):
     assert not any("(Table 1)" in c or "(Table 2)" in c for c in claims)
 
 
+def test_cached_set_is_reused_only_for_the_same_ident(tmp_path):
+    calls = []
+
+    def make(kept=True):
+        calls.append(1)
+        return {"images": np.full((2, 4, 4, 3), len(calls), dtype=np.uint8), "kept": np.ones((3, 4)) if kept else None,
+                "kept0": None, "t": np.array([999, 500, 0]), "gated_tflops": 0.25 if kept else None, "seconds": 1.5,
+                "acts": np.zeros((2, 8))}
+
+    path = str(tmp_path / "scores" / "dcdit_f=0.npz")
+    first = reproduce.cached_set(path, {"source": "a.pt", "f": 0.0}, make)
+    again = reproduce.cached_set(path, {"source": "a.pt", "f": 0.0}, make)
+    assert len(calls) == 1 and np.array_equal(again["images"], first["images"]) and again["kept0"] is None
+    assert again["gated_tflops"] == 0.25 and again["seconds"] == 1.5 and np.array_equal(again["t"], first["t"])
+    other = reproduce.cached_set(path, {"source": "a.pt", "f": 0.3}, lambda: make(kept=False))  # another set
+    assert len(calls) == 2 and int(other["images"][0, 0, 0, 0]) == 2
+    assert reproduce.cached_set(path, {"source": "a.pt", "f": 0.3}, make)["kept"] is None and len(calls) == 2
+
+
 def test_agreement_and_the_zero_output_reference():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -331,6 +332,27 @@ def sample_set(model, cfg, plan: Plan, tail_drop: float, desc: str, vae=None, un
     kept0 = np.concatenate(cond0 + uncond0, axis=1) if cond0 else None              # (steps, rows)
     return {"images": np.concatenate(images), "kept": kept, "kept0": kept0, "t": t,
             "gated_tflops": gated / plan.n_samples / 1e12 if gated else None, "seconds": time.perf_counter() - start}
+
+
+def cached_set(path: str, ident: dict, make) -> dict:
+    """A sample set with its FID features, from `path` when it was made for the same `ident` (checkpoint, its size,
+    plan, fractions, features), else made by `make()` and saved there first (atomically): a killed report loses at
+    most the set it was sampling."""
+    key = json.dumps(ident, sort_keys=True)
+    if os.path.isfile(path):
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["ident"]) == key:
+                out = {k: z[k] for k in z.files if k != "ident"}
+                for name in ("kept", "kept0", "gated_tflops"):  # stored empty when absent
+                    out[name] = out[name] if out[name].size else None
+                out["gated_tflops"] = None if out["gated_tflops"] is None else float(out["gated_tflops"])
+                out["seconds"] = float(out["seconds"])
+                return out
+    out = make()
+    arrays = {k: np.asarray([] if v is None else v) for k, v in out.items()}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda f: np.savez(f, ident=np.asarray(key), **arrays))
+    return out
 
 
 def zero_output(model):
@@ -941,14 +963,24 @@ def main_impl(argv=None) -> dict:
     lite, upcycling = [], []
     viz_path = os.path.join(out, "boundary_maps.png")
 
-    def score(model, cfg, name: str, f: float = 0.0, uncond_f=None, vae=None) -> tuple:
-        """Sample one set and score it -> (row, the sample set); its wall times go to `phases`."""
+    def score(model, cfg, name: str, source: str, f: float = 0.0, uncond_f=None, vae=None) -> tuple:
+        """Sample one set from `model` (the weights of checkpoint `source`) and score it -> (row, the sample set);
+        its wall times go to `phases`. The set and its FID features are cached in work/scores/ (cached_set)."""
+        def make() -> dict:
+            start = time.perf_counter()
+            s = sample_set(model, cfg, plan, f, desc=f"sample {name}", vae=vae, uncond_tail_drop=uncond_f)
+            mid = time.perf_counter()
+            acts = features(net, s["images"], f"features {name}")
+            return dict(s, acts=acts, feature_seconds=time.perf_counter() - mid, sample_seconds=mid - start)
+
+        ckpt = source.split("#")[0]
+        ident = {"source": source, "bytes": os.path.getsize(ckpt), "plan": dataclasses.asdict(plan), "f": f,
+                 "uncond_f": uncond_f, "features": feature_label}
+        s = cached_set(os.path.join(work, "scores", re.sub(r"[^\w.=-]+", "_", name) + ".npz"), ident, make)
+        phases[f"sampling {name}"] = float(s["sample_seconds"])
         start = time.perf_counter()
-        s = sample_set(model, cfg, plan, f, desc=f"sample {name}", vae=vae, uncond_tail_drop=uncond_f)
-        phases[f"sampling {name}"] = time.perf_counter() - start
-        start = time.perf_counter()
-        fid, fid_sd = fid_with_spread(ref_stats, features(net, s["images"], f"features {name}"), plan.bootstraps)
-        phases[f"FID {name}"] = time.perf_counter() - start
+        fid, fid_sd = fid_with_spread(ref_stats, s["acts"], plan.bootstraps)
+        phases[f"FID {name}"] = float(s["feature_seconds"]) + time.perf_counter() - start
         ratio = compression_by_step(s["kept"], s["t"], cfg.model.input_size ** 2) if s["kept"] is not None else None
         labels = np.arange(plan.n_samples) % cfg.model.num_classes
         row = {"f": f, "tflops": tflops_per_image(model, s["kept"], plan.sampling_steps, s["kept0"]), "fid": fid,
@@ -970,12 +1002,12 @@ def main_impl(argv=None) -> dict:
         model, cfg = load_model_for_sampling(SimpleNamespace(config=None, overrides=[]), trained[key]["ckpt"])
         vae = load_vae_if_latent(cfg, "cpu")
         for f in (FRACTIONS if key == "dcdit" else (0.0,)):
-            row, s = score(model, cfg, f"{key} f={f:g}", f, vae=vae)
+            row, s = score(model, cfg, f"{key} f={f:g}", trained[key]["ckpt"], f, vae=vae)
             ratio = row.pop("ratio")
             if f == 0.0:
                 sets[label] = by_key[key] = s["images"]
                 models[key] = dict(row, label=label, params=count_params(model), train_seconds=trained[key]["seconds"],
-                                   sample_seconds=s["seconds"], command=trained[key]["command"],
+                                   sample_seconds=float(s["sample_seconds"]), command=trained[key]["command"],
                                    ckpt=os.path.relpath(trained[key]["ckpt"], out))
                 if ratio:
                     compression[key] = ratio
@@ -985,7 +1017,7 @@ def main_impl(argv=None) -> dict:
                 tail.append(row)
         if key == "dcdit":  # Lite-CFG: the conditional branch at f = 0, the unconditional one cheaper
             for u in LITE_CFG_FRACTIONS:
-                row, _ = score(model, cfg, f"dcdit lite-cfg uncond f={u:g}", 0.0, u, vae=vae)
+                row, _ = score(model, cfg, f"dcdit lite-cfg uncond f={u:g}", trained[key]["ckpt"], 0.0, u, vae=vae)
                 row.pop("ratio")
                 lite.append(dict(row, uncond_f=u))
         if key in ("upcycle", "distill") or (key == "dcdit" and "3" in args.tables):
@@ -993,14 +1025,14 @@ def main_impl(argv=None) -> dict:
                 if key != "dcdit" and b == budgets[-1]:
                     row = dict(models[key])
                 else:
-                    m, c = load_model_for_sampling(SimpleNamespace(config=None, overrides=[]),
-                                                   budget_checkpoint(key, b))
-                    row, _ = score(m, c, f"{key} at step {b}", vae=vae)
+                    path = budget_checkpoint(key, b)
+                    m, c = load_model_for_sampling(SimpleNamespace(config=None, overrides=[]), path)
+                    row, _ = score(m, c, f"{key} at step {b}", path, vae=vae)
                 upcycling.append({"run": "scratch" if key == "dcdit" else key, "steps": b, "fid": row["fid"],
                                   "fid_sd": row["fid_sd"], "recognised": row["recognised"],
                                   "tflops": row["tflops"], "compression": row["compression"]})
         if key == "isoparam":  # the same seeds through a DiT that predicts nothing: the no-learning reference
-            row, s = score(zero_output(model), cfg, "zero-output DiT", vae=vae)
+            row, s = score(zero_output(model), cfg, "zero-output DiT", trained[key]["ckpt"] + "#zero output", vae=vae)
             by_key["zero"] = s["images"]
             zero_row = {"label": f"{label}, output layer zeroed", "fid": row["fid"], "fid_sd": row["fid_sd"],
                         "recognised": row["recognised"]}
