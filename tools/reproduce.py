@@ -641,14 +641,16 @@ def upcycling_section(res: dict) -> list:
              + ", ".join(f"{b} steps ({100 * b / p['steps']:.3g}%)" for b in res["budgets"])
              + " of the from-scratch run's budget; the from-scratch DC-DiT at those steps is the Table 1 run's own "
              "checkpoint (before its multi-budget phase).", "",
-             "| model | steps | share of budget | GFLOPs/img | FID | recognised |", "|---|---:|---:|---:|---:|---:|",
-             f"| {teacher['label']} | {p['steps']} | 100% | {1e3 * teacher['tflops']:.2f} | "
-             f"{teacher['fid']:.2f} ± {teacher['fid_sd']:.2f} | {100 * teacher['recognised']:.1f}% |",
-             f"| DC-DiT from scratch | {p['steps']} | 100% | {1e3 * full['tflops']:.2f} | "
-             f"{full['fid']:.2f} ± {full['fid_sd']:.2f} | {100 * full['recognised']:.1f}% |"]
+             "| model | params | steps | share of budget | GFLOPs/img | mean compression L/M | FID | recognised |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    params = {"scratch": full["params"], **{k: res["models"][k]["params"] for k in ("upcycle", "distill")}}
+    for label, m in ((teacher["label"], teacher), ("DC-DiT from scratch", full)):
+        lines.append(f"| {label} | {m['params'] / 1e6:.3f}M | {p['steps']} | 100% | {1e3 * m['tflops']:.2f} | "
+                     f"{m['compression']:.2f} | {m['fid']:.2f} ± {m['fid_sd']:.2f} | {100 * m['recognised']:.1f}% |")
     for r in sorted(res["upcycling"], key=lambda r: (("scratch", "upcycle", "distill").index(r["run"]), r["steps"])):
-        lines.append(f"| {names[r['run']]} | {r['steps']} | {100 * r['steps'] / p['steps']:.3g}% | "
-                     f"{1e3 * r['tflops']:.2f} | {r['fid']:.2f} ± {r['fid_sd']:.2f} | {100 * r['recognised']:.1f}% |")
+        lines.append(f"| {names[r['run']]} | {params[r['run']] / 1e6:.3f}M | {r['steps']} | "
+                     f"{100 * r['steps'] / p['steps']:.3g}% | {1e3 * r['tflops']:.2f} | {r['compression']:.2f} | "
+                     f"{r['fid']:.2f} ± {r['fid_sd']:.2f} | {100 * r['recognised']:.1f}% |")
     return lines + ["", "Unlike the paper's teacher (DiT-XL/2 trained 17.5 x the DC-DiT's budget), this teacher "
                     "trained for the same steps as the from-scratch DC-DiT, so upcycling starts from a weaker "
                     "backbone here than there.", ""]
@@ -666,11 +668,11 @@ def dydit_section(res: dict) -> list:
             f"towards lambda = {d['target']:g} of the whole forward (`dydit.flops_scope=model`). GFLOPs/img are "
             "priced from what the gates left of every row at every sampling step; the FLOPs ratio is over the "
             "DC-DiT's cost at the same kept tokens.", "",
-            "| model | GFLOPs/img | FLOPs ratio | FID | recognised |", "|---|---:|---:|---:|---:|",
-            f"| {dc['label']} | {1e3 * dc['tflops']:.2f} | 1 | {dc['fid']:.2f} ± {dc['fid_sd']:.2f} | "
-            f"{100 * dc['recognised']:.1f}% |",
-            f"| {dy['label']} | {1e3 * dy['tflops']:.2f} | {dy['flops_ratio']:.3f} | {dy['fid']:.2f} ± "
-            f"{dy['fid_sd']:.2f} | {100 * dy['recognised']:.1f}% |", ""]
+            "| model | params | GFLOPs/img | FLOPs ratio | mean compression L/M | FID | recognised |",
+            "|---|---:|---:|---:|---:|---:|---:|"] + [
+            f"| {m['label']} | {m['params'] / 1e6:.3f}M | {1e3 * m['tflops']:.2f} | {m.get('flops_ratio', 1.0):.3f} | "
+            f"{m['compression']:.2f} | {m['fid']:.2f} ± {m['fid_sd']:.2f} | {100 * m['recognised']:.1f}% |"
+            for m in (dc, dy)] + [""]
 
 
 def agreement_section(res: dict) -> list:
