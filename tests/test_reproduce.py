@@ -72,7 +72,8 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     # A rerun reuses a finished training run instead of training it again.
     again = reproduce.train("dcdit", reproduce.DCDIT_CONFIG, [f"train.max_steps={reproduce.QUICK.steps}"],
                             str(tmp_path / "work"))
-    assert again["seconds"] is None and again["ckpt"].endswith(f"{reproduce.QUICK.steps:07d}.pt")
+    assert again["ckpt"].endswith(f"{reproduce.QUICK.steps:07d}.pt") and "train.py --config" in again["command"]
+    assert again["seconds"] == saved["models"]["dcdit"]["train_seconds"] > 0  # from the run's log, both times
 
 
 def test_matched_depths_pick_the_closest_dit():
@@ -195,6 +196,18 @@ def test_quick_latent_pipeline_end_to_end(tmp_path, monkeypatch):
     claims = [c[0] for c in saved["claims"]]
     assert sum("(Table 3)" in c for c in claims) == 3 and sum("(Table 4)" in c for c in claims) == 1
     assert not any("(Table 1)" in c or "(Table 2)" in c for c in claims)
+
+
+def test_training_seconds_counts_each_logged_interval_once_across_resumes(tmp_path):
+    lines = ["[t] run folder x; 1 process(es)", "[t] dataset: 5 items",
+             '[t] {"step": 100, "steps_per_sec": 2.0}', '[t] {"step": 200, "steps_per_sec": 4.0}',
+             '[t] {"step": 300, "steps_per_sec": 1.0}',              # killed after this line, resumed from 150
+             "[t] run folder x; 1 process(es)", "[t] resumed from step 150",
+             '[t] {"step": 200, "steps_per_sec": 5.0}', '[t] {"step": 300, "steps_per_sec": 10.0}',
+             "[t] saved checkpoint x/0000300.pt"]
+    (tmp_path / "log.txt").write_text("\n".join(lines) + "\n")
+    # 100 / 2 for the first 100 steps; 50 / 5 and 100 / 10 after the resume replace the first 200 and 300.
+    assert reproduce.training_seconds(str(tmp_path)) == pytest.approx(50 + 10 + 10)
 
 
 def test_cached_set_is_reused_only_for_the_same_ident(tmp_path):

@@ -274,28 +274,52 @@ def max_steps(overrides: list) -> int:
     return [int(o.split("=", 1)[1]) for o in overrides if o.startswith("train.max_steps=")][-1]
 
 
+def training_seconds(run_dir: str) -> float:
+    """Training time of a run from its log.txt, across the invocations that resumed it: every logged interval is
+    (steps since the previous log line or the resume point) / its steps_per_sec, and a step logged again after a
+    resume counts once (its latest interval). Start-up, checkpoint writes and steps redone after a kill are left
+    out, so runs finished in different sessions compare fairly."""
+    intervals, prev = {}, 0
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        for line in f:
+            text = line.split("] ", 1)[-1].strip()
+            if text.startswith("run folder "):
+                prev = 0
+            elif text.startswith("resumed from step "):
+                prev = int(text.split()[-1])
+            elif text.startswith("{"):
+                rec = json.loads(text)
+                if "step" in rec and rec.get("steps_per_sec"):
+                    intervals[rec["step"]] = (rec["step"] - prev) / rec["steps_per_sec"]
+                    prev = rec["step"]
+    return float(sum(intervals.values()))
+
+
 def train(key: str, config: str, overrides: list, work: str) -> dict:
-    """Train one model with train.py in a child process (its own Accelerate state); skip or resume."""
+    """Train one model with train.py in a child process (its own Accelerate state); skip or resume.
+
+    -> ckpt (the final checkpoint), seconds (training_seconds of the run, wherever and whenever it trained) and
+    command (what trains it from scratch)."""
     run_root = os.path.join(work, "runs", key)
     steps = max_steps(overrides)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, config), *overrides,
+           f"train.results_dir={run_root}"]
+    rel = [os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:]]
+    command = "python " + " ".join(rel)
     done = final_checkpoint(run_root, steps)
     if done:
         print(f"[{key}] already trained: {done}", flush=True)
-        return {"ckpt": done, "seconds": None, "command": None}
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, config)]
-    partial = sorted(glob.glob(os.path.join(run_root, "*", "checkpoints", "*.pt")))
-    if partial:
-        cmd += ["--resume", os.path.dirname(os.path.dirname(partial[-1]))]
-    cmd += overrides + [f"train.results_dir={run_root}"]
-    print(f"[{key}] {' '.join(cmd)}", flush=True)
-    start = time.perf_counter()
-    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-        raise ReproduceError(f"training run {key!r} failed (command above); rerun to resume it")
-    ckpt = final_checkpoint(run_root, steps)
-    if ckpt is None:
-        raise ReproduceError(f"training run {key!r} finished without checkpoints/{steps:07d}.pt in {run_root}")
-    rel = [os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:]]
-    return {"ckpt": ckpt, "seconds": time.perf_counter() - start, "command": "python " + " ".join(rel)}
+    else:
+        partial = sorted(glob.glob(os.path.join(run_root, "*", "checkpoints", "*.pt")))
+        if partial:
+            cmd[4:4] = ["--resume", os.path.dirname(os.path.dirname(partial[-1]))]
+        print(f"[{key}] {' '.join(cmd)}", flush=True)
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            raise ReproduceError(f"training run {key!r} failed (command above); rerun to resume it")
+        done = final_checkpoint(run_root, steps)
+        if done is None:
+            raise ReproduceError(f"training run {key!r} finished without checkpoints/{steps:07d}.pt in {run_root}")
+    return {"ckpt": done, "seconds": training_seconds(os.path.dirname(os.path.dirname(done))), "command": command}
 
 
 # ----------------------------------------------------------------------------- sampling and scoring
@@ -854,8 +878,9 @@ def write_report(res: dict, out: str) -> str:
               "come from the same checkpoint; the paper's Table-1 models are trained without it.",
               "", "## Wall times", "", "| phase | minutes |", "|---|---:|"]
     lines += [f"| {k} | {v / 60:.1f} |" for k, v in res["phases"].items()]
-    lines += ["", "Training commands:", "", "```"] + [m["command"] or f"(reused {m['ckpt']})"
-                                                         for m in res["models"].values()] + ["```", ""]
+    lines += ["", "Training commands (a rerun resumes each from its latest checkpoint; train min above is the "
+              "training time its log records, across the sessions it took):", "", "```"] + [
+              m["command"] or f"(reused {m['ckpt']})" for m in res["models"].values()] + ["```", ""]
     path = os.path.join(out, "REPORT.md")
     atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
     return path
@@ -933,7 +958,9 @@ def main_impl(argv=None) -> dict:
         start = time.perf_counter()
         configs = LATENT_CONFIGS
         data, autoencoder = prepare_latent(work, plan)
-        phases["autoencoder and features"] = time.perf_counter() - start
+        phases["autoencoder and features, this invocation"] = time.perf_counter() - start
+        if autoencoder.get("train_seconds") is not None:  # across the invocations that trained it
+            phases["autoencoder training"] = autoencoder["train_seconds"]
     dcdit_cfg, dit_cfg = (load_config(os.path.join(ROOT, c), data) for c in configs)
     depths = matched_depths(dcdit_cfg, dit_cfg)
     two_stage = two_stage_spec(dcdit_cfg) if args.two_stage else None
@@ -943,7 +970,8 @@ def main_impl(argv=None) -> dict:
     for key, (_, cfg, overrides) in specs.items():  # {key} in an override: that run's final checkpoint
         overrides = [o.format(**{k: v["ckpt"] for k, v in trained.items()}) for o in overrides]
         trained[key] = train(key, cfg, overrides, work)
-    phases[f"training ({len(specs)} models)"] = time.perf_counter() - start
+    phases[f"training ({len(specs)} models), this invocation"] = time.perf_counter() - start
+    phases.update({f"training {key} (from its log)": t["seconds"] for key, t in trained.items()})
 
     start = time.perf_counter()
     try:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from config import main_guard
 from data import digits_rgb, to_uint8_images
-from fileio import atomic_save
+from fileio import atomic_save, atomic_write
 
 IMAGE_SIZE = 64
 HELD_OUT_EVERY = 10  # every 10th digit (50 per class) is held out for the report
@@ -52,18 +52,20 @@ def split(n: int):
 
 
 def train(args, images: torch.Tensor, train_idx: np.ndarray):
-    """Resumable training loop; returns the autoencoder."""
+    """Resumable training loop -> (the autoencoder, its training seconds summed over the invocations that ran it,
+    each counted up to its last saved state)."""
     state_path = os.path.join(args.out, "train_state.pt")
     torch.manual_seed(args.seed)
     vae = build_autoencoder()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
-    step = 0
+    step, before = 0, 0.0
     if os.path.isfile(state_path):
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        step = int(state["step"])
+        step, before = int(state["step"]), float(state.get("seconds", float("nan")))  # nan: saved before it was kept
         print(f"resumed from step {step} ({state_path})")
+    start = time.time()
     vae.train()
     bar = tqdm(total=args.steps, initial=step, desc="autoencoder", dynamic_ncols=True)
     while step < args.steps:
@@ -81,9 +83,11 @@ def train(args, images: torch.Tensor, train_idx: np.ndarray):
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % args.ckpt_every == 0 or step == args.steps:
-            atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, state_path)
+            seconds = before + time.time() - start
+            atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "seconds": seconds},
+                        state_path)
     bar.close()
-    return vae.eval()
+    return vae.eval(), before + time.time() - start
 
 
 @torch.no_grad()
@@ -153,14 +157,15 @@ def main(argv=None):
     images, labels = digits_rgb(IMAGE_SIZE)
     train_idx, held_idx = split(len(images))
     start = time.time()
-    vae = train(args, images, train_idx)
+    vae, train_seconds = train(args, images, train_idx)
     result = report(vae, images, train_idx, held_idx, args.features)
     # LDM's choice for SD-VAE: scale latents to unit variance, so the diffusion sees the noise level it assumes.
     vae.register_to_config(scaling_factor=result["scaling_factor"])
     vae.save_pretrained(args.out)
-    result.update(steps=args.steps, seconds=round(time.time() - start, 1))
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    result.update(steps=args.steps, seconds=round(time.time() - start, 1),
+                  train_seconds=round(train_seconds, 1) if np.isfinite(train_seconds) else None)
+    # Written last and atomically: reproduce.py takes a complete report.json as "this autoencoder is done".
+    atomic_write(os.path.join(args.out, "report.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
     print(f"saved {args.out}: latents {tuple(result['latent_shape'])}, scaling factor {result['scaling_factor']:.4f}; "
           f"held-out reconstruction PSNR {result['psnr_db']:.2f} dB, FID {result['fid']:.2f} ({result['fid_features']})")
     if args.export_images:
