@@ -792,13 +792,15 @@ def write_report(res: dict, out: str) -> str:
     ]
     lines += [f"| {c} | {'**yes**' if h else '**no**'} | {e} |" for c, h, e in res["claims"]]
     bar = res.get("recognition_bar")
-    base = {k: res["models"][k] for k in ("isoparam", "isoflop") if k in res["models"]}
+    base = {k: res["models"][k] for k in ("isoparam", "isoflop", "teacher") if k in res["models"]}
     if bar is not None and base:
         met = all(m["recognised"] >= bar for m in base.values())
+        tables = " and ".join(t for t, keys in (("Table 1", ("isoparam", "isoflop")), ("Table 3", ("teacher",)))
+                              if any(k in base for k in keys))
         lines += ["", f"Baseline bar: a DiT/2 row is a competent model when at least {100 * bar:.0f}% of its samples are "
                   "recognised as their class. " + " and ".join(f"{m['label']}: {rec(m)}" for m in base.values())
                   + (": **met**, so the comparison is against working models." if met else
-                     ": **not met**, so the Table 1 claims compare DC-DiT with baselines that have not learned the "
+                     f": **not met**, so the {tables} claims compare DC-DiT with baselines that have not learned the "
                      "digits yet and say little about DC-DiT against a competent DiT.")]
     lines += ["", "## Table 1 in miniature", "",
               "| model | params | GFLOPs/img (measured) | mean compression L/M | FID | recognised | train min | "
