@@ -827,17 +827,23 @@ def with_tf32(fn: Callable[[], None], enabled: bool) -> Callable[[], None]:
 
 
 def adamw_section(suite: Suite, batch: Batch, args) -> dict:
-    """Training steps of DC-DiT and the public DiT with AdamW's foreach against its fused implementation (each
-    with its own optimizer state on the same weights; only the time means anything)."""
-    jobs = {}
+    """Training steps of DC-DiT and the public DiT with AdamW's foreach against its fused implementation, one model
+    at a time (each implementation with its own state on the same weights: only the time means anything; one
+    extra optimizer state at a time, so XL fits beside the suite's own)."""
+    med = {}
     for k in ("dcdit", "public"):
         c = suite.contenders[k]
+        jobs = {}
         for impl in ("foreach", "fused"):
             opt = adamw(c.model.parameters(), suite.device, fused=impl == "fused")
             jobs[f"{k} {impl}"] = partial(train_step, c.model, opt, c.dcdit, suite.N, suite.diffusion, batch,
                                           suite.device)
-    with keep_exactly(suite.dc, suite.kept):
-        med = measure(jobs, args.repeats, args.warmup, suite.device, "adamw")
+        with keep_exactly(suite.dc, suite.kept):
+            med.update(measure(jobs, args.repeats, args.warmup, suite.device, f"adamw {k}"))
+        del jobs, opt
+        c.model.zero_grad(set_to_none=True)
+        if suite.device.type == "cuda":
+            torch.cuda.empty_cache()
     return dict(times=med, fused_over_foreach={k: med[f"{k} fused"]["median_s"] / med[f"{k} foreach"]["median_s"]
                                                for k in ("dcdit", "public")})
 
