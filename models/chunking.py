@@ -142,7 +142,7 @@ def plug_back_index(idx: Tensor, valid: Tensor, grid: Tuple[int, int]) -> Tensor
     g = torch.minimum(to_left, to_right)  # (B, H, W)
     # The candidate rows r': every row with a kept token, ascending (at most Mmax of them), then empty rows.
     rows = torch.arange(H, device=dev)
-    R = min(H, M)
+    R = min(H, M)  # under torch.compile: one graph for Mmax >= H, one more if a batch ever keeps fewer
     src = torch.where(kept.any(2), rows, H + rows).sort(dim=1).indices[:, :R]  # (B, R)
     g_src = g.gather(1, src.unsqueeze(-1).expand(-1, -1, W))  # (B, R, W)
     dr2 = (rows[None, :, None] - src[:, None, :]) ** 2  # (B, H, R) target row r, candidate row r'
