@@ -25,14 +25,18 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .flops import attention_backward_flops, attention_flops
 
-try:  # optional: source-only CUDA build, never a requirement
-    from flash_attn import flash_attn_varlen_func
-except ImportError:  # pragma: no cover - depends on the machine
-    flash_attn_varlen_func = None
-try:  # PyTorch's own varlen flash attention (CUDA only), present in recent releases
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # pragma: no cover - depends on the torch version
-    varlen_attn = None
+# The varlen kernels run on CUDA/ROCm only, so a machine without a GPU does not import them: importing PyTorch's
+# loads torch._dynamo, about a second of every CPU process's start.
+flash_attn_varlen_func = varlen_attn = None
+if torch.cuda.is_available():  # pragma: no cover - depends on the machine
+    try:  # optional: source-only CUDA build, never a requirement
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        pass
+    try:  # PyTorch's own varlen flash attention (CUDA only), present in recent releases
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # depends on the torch version
+        pass
 
 
 @dataclass
@@ -219,11 +223,6 @@ def packed_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     return _cpu_attention_op(q, k, v, cu_seqlens)[0]                      # (T, H, Dh)
 
 
-# torch.compile runs this function eagerly (one graph break per attention layer): compiled autograd in PyTorch 2.11
-# fails on the jagged tensor's gradient in the backward (its tangent carries one metadata field more than the traced
-# one), while eager autograd through nested tensors is exact. Only fp32 on a GPU comes here; bf16/fp16 training uses
-# the varlen kernels above, which compile.
-@torch.compiler.disable
 def _jagged_attention(q, k, v, layout: TokenLayout) -> torch.Tensor:
     """q, k, v (T, H, Dh) -> (T, H, Dh) through jagged nested tensors and SDPA: the GPU path for dtypes the varlen
     kernels do not take. It runs on the CPU as well (unfused), which is how its offsets are tested."""
@@ -232,6 +231,14 @@ def _jagged_attention(q, k, v, layout: TokenLayout) -> torch.Tensor:
                   .transpose(1, 2) for t in (q, k, v))                    # (B, H, j, Dh) jagged
     out = F.scaled_dot_product_attention(nq, nk, nv)                      # (B, H, j, Dh) jagged
     return out.transpose(1, 2).values()                                   # (T, H, Dh)
+
+
+# torch.compile runs the jagged path eagerly (one graph break per attention layer): compiled autograd in PyTorch 2.11
+# fails on the jagged tensor's gradient in the backward (its tangent carries one metadata field more than the traced
+# one), while eager autograd through nested tensors is exact. Only fp32 on a GPU comes here (bf16/fp16 training uses
+# the varlen kernels above, which compile), so only a machine with one wraps it (the wrapper imports torch._dynamo).
+if torch.cuda.is_available():  # pragma: no cover - depends on the machine
+    _jagged_attention = torch.compiler.disable(_jagged_attention)
 
 
 def _packed_attention(q, k, v, layout: TokenLayout) -> torch.Tensor:
