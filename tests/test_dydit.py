@@ -248,3 +248,25 @@ def test_digits_fine_tune_settles_at_lambda_and_samples_at_its_flops(tmp_path, m
     at_120 = [r for r in _records(run_dir) if r["step"] == 120]
     assert len(at_120) == 2 and at_120[0]["loss"] == at_120[1]["loss"] and at_120[0]["flops_ratio"] != 1.0
     assert at_120[0]["flops_ratio"] == at_120[1]["flops_ratio"]
+
+
+def test_sampler_prices_each_row_from_what_its_gates_left():
+    """sampling.Sampler (tools/reproduce.py's sampling loop) records every row's FLOPs as run: above the DC-DiT's at
+    the same kept tokens with every gate on (the gate routers cost FLOPs too), below it with half the heads and MLP
+    groups off; kept counts alone would price both at the DC-DiT's."""
+    from types import SimpleNamespace
+    model = dydit_from(dcdit())
+    cfg = SimpleNamespace(model=SimpleNamespace(name="DCDiT-S"), sample=SimpleNamespace(guide_channels=0))
+    sampler = sampling.Sampler(model, cfg, cfg_scale=1.0, keep_maps=False)
+    a, b, c = dcdit_flops_coeffs(model)
+    x, t, y = inputs()
+    with torch.no_grad():
+        sampler(x, t, y)
+        fix_gates(model, [2, 2], [2, 2], tokens=True)
+        sampler(x, t, y)
+    on, half = sampler.records
+    for r in (on, half):
+        m = r["kept"].double()
+        r["static"] = a + b * m + c * m * m                                   # (rows,) the DC-DiT at those tokens
+        assert r["flops"].shape == m.shape
+    assert bool((on["flops"] > on["static"]).all()) and bool((half["flops"] < half["static"]).all())
