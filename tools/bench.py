@@ -57,11 +57,11 @@ from config import Config, DyDiTConfig, ModelConfig, TrainConfig, config_from_di
 from diffusion import create_diffusion
 from models import DCDiT, create_model
 from models.checkpoint_io import model_state, read_checkpoint
+from models.chunking import chunk, grid_coords, plug_back_index
 from models.dydit import GATE_PREFIXES, dydit_execution, fix_gates, load_dcdit_weights
 from models.flops import (block_flops, component_flops, count_params, dcdit_flops_coeffs, dydit_dims,
                           dydit_info_row_flops, dydit_row_flops, forward_flops, quadratic, stage_flops,
                           static_block_flops)
-from models.chunking import chunk, grid_coords, plug_back_index
 from models.routing import keep_exactly, ratio_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where configs/ lives
@@ -1027,9 +1027,8 @@ def dydit_section(suite: Suite, batch: Batch, args) -> dict:
 
 SECTION_FNS = dict(train=train_section, sample=sample_section, shares=shares_section, packed=packed_section,
                    memory=memory_section, compile=compile_section, tf32=tf32_section, adamw=adamw_section,
-                   plugback=plugback_section,
-                   elastic=elastic_section,
-                   lite_cfg=lite_cfg_section, dydit=dydit_section)
+                   plugback=plugback_section, elastic=elastic_section, lite_cfg=lite_cfg_section,
+                   dydit=dydit_section)
 
 
 # ----------------------------------------------------------------------------------------------------

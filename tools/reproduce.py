@@ -79,11 +79,11 @@ AGREEMENT_PAIRS = (("isoparam", "isoflop"), ("isoparam", "zero"), ("dcdit", "ran
 # The paper's tables and the runs each needs (the learned-router DC-DiT is in both): `--tables` picks some.
 TABLES = {"1": ("dcdit", "isoparam", "isoflop"), "2": ("dcdit", "random"),
           "3": ("dcdit", "teacher", "upcycle", "distill"), "4": ("dcdit", "dydit")}
+TABLE1_ROWS = ("dcdit", "random", "isoparam", "isoflop", "twostage")  # the rows of the report's main table
+# Training order: Tables 1-2 and the two-stage model first; then the runs that start from another's checkpoint.
+TRAIN_ORDER = ("dcdit", "random", "isoparam", "isoflop", "twostage", "teacher", "upcycle", "distill", "dydit")
 # Table 3 (§4.4): upcycled runs are scored at 20K, 50K and 100K steps, 5%, 12.5% and 25% of the 400K steps a
 # from-scratch DC-DiT trains; "+ Distilled" spends its first 5K steps (1.25%) on activation distillation.
-# Training order: Tables 1-2 and the two-stage model first; then the runs that start from another's checkpoint.
-TABLE1_ROWS = ("dcdit", "random", "isoparam", "isoflop", "twostage")  # the rows of the report's main table
-TRAIN_ORDER = ("dcdit", "random", "isoparam", "isoflop", "twostage", "teacher", "upcycle", "distill", "dydit")
 UPCYCLE_BUDGETS = (0.05, 0.125, 0.25)
 DISTILL_SHARE = 5 / 400
 # Table 4 (§4.5): DyDiT fine-tunes the trained DC-DiT for 120K steps (30% of 400K) at lr 2e-5 (1/5 of 1e-4),
@@ -176,9 +176,15 @@ def distill_steps(plan: Plan) -> int:
     return max(1, round(DISTILL_SHARE * plan.steps))
 
 
-def run_specs(depths: dict, plan: Plan, configs: tuple = (DCDIT_CONFIG, DIT_CONFIG), data: tuple = (),
-              two_stage: tuple = None, tables: tuple = tuple(TABLES), dcdit_cfg=None) -> dict:
-    """key -> (label, config, overrides) of the training runs of `tables` (every table's by default); `data` adds
+def dydit_steps(plan: Plan) -> int:
+    """Table 4's fine-tuning steps: DYDIT_SHARE of the from-scratch run, at least one."""
+    return max(1, round(DYDIT_SHARE * plan.steps))
+
+
+def run_specs(depths: dict, plan: Plan, dcdit_cfg, configs: tuple = (DCDIT_CONFIG, DIT_CONFIG), data: tuple = (),
+              two_stage: tuple = None, tables: tuple = tuple(TABLES)) -> dict:
+    """key -> (label, config, overrides) of the training runs of `tables` (every table's by default); dcdit_cfg is the
+    DC-DiT's loaded config (the teacher's depth and DyDiT's learning rate follow it); `data` adds
     the latent space's data overrides, `two_stage` (overrides, info from two_stage_spec) one more run: the
     two-stage DC-DiT. Overrides may name another run's final checkpoint as {key} (the teacher an upcycled run
     starts from, the DC-DiT DyDiT fine-tunes): runs are trained in this order, so it exists by then."""
@@ -195,9 +201,8 @@ def run_specs(depths: dict, plan: Plan, configs: tuple = (DCDIT_CONFIG, DIT_CONF
     # Table 3 scores the from-scratch DC-DiT at the upcycled runs' budgets too: checkpoints at each of them.
     dcdit_every = math.gcd(*budgets, plan.steps) if "3" in tables else every
     upcycle = steps(budgets[-1], math.gcd(*budgets)) + ["model.cond_adaptor=true", "upcycle.checkpoint={teacher}"]
-    dydit_steps = max(1, round(DYDIT_SHARE * plan.steps))
-    teacher_depth = dcdit_cfg.model.depth if dcdit_cfg is not None else depths["isoparam"]
-    lr = dcdit_cfg.train.lr if dcdit_cfg is not None else 3e-4
+    fine_tune = dydit_steps(plan)
+    teacher_depth = dcdit_cfg.model.depth
     specs = {
         "dcdit": ("DC-DiT learned router", dcdit, steps(plan.steps, dcdit_every) + budget),
         "random": ("DC-DiT random router", dcdit, common + budget + ["model.router=random"]),
@@ -212,8 +217,9 @@ def run_specs(depths: dict, plan: Plan, configs: tuple = (DCDIT_CONFIG, DIT_CONF
         "distill": ("DC-DiT upcycled + distilled", dcdit,
                     upcycle + [f"upcycle.distill_steps={distill_steps(plan)}"]),
         "dydit": (f"DC-DiT + DyDiT (lambda = {DYDIT_TARGET})", dcdit,
-                  steps(dydit_steps, math.gcd(plan.ckpt_every, dydit_steps))
-                  + ["train.multi_budget=true", "train.multi_budget_start_step=0", f"train.lr={lr * DYDIT_LR_SCALE:g}",
+                  steps(fine_tune, math.gcd(plan.ckpt_every, fine_tune))
+                  + ["train.multi_budget=true", "train.multi_budget_start_step=0",
+                     f"train.lr={dcdit_cfg.train.lr * DYDIT_LR_SCALE:g}",
                      "dydit.enabled=true", f"dydit.target_ratio={DYDIT_TARGET}", "dydit.flops_scope=model",
                      "dydit.init_checkpoint={dcdit}"]),
     }
@@ -302,17 +308,16 @@ def train(key: str, config: str, overrides: list, work: str) -> dict:
     command (what trains it from scratch)."""
     run_root = os.path.join(work, "runs", key)
     steps = max_steps(overrides)
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, config), *overrides,
-           f"train.results_dir={run_root}"]
-    rel = [os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:]]
-    command = "python " + " ".join(rel)
+    script = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, config)]
+    args = [*overrides, f"train.results_dir={run_root}"]
+    command = "python " + " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in script[1:] + args)
     done = final_checkpoint(run_root, steps)
     if done:
         print(f"[{key}] already trained: {done}", flush=True)
     else:
         partial = sorted(glob.glob(os.path.join(run_root, "*", "checkpoints", "*.pt")))
-        if partial:
-            cmd[4:4] = ["--resume", os.path.dirname(os.path.dirname(partial[-1]))]
+        resume = ["--resume", os.path.dirname(os.path.dirname(partial[-1]))] if partial else []
+        cmd = script + resume + args
         print(f"[{key}] {' '.join(cmd)}", flush=True)
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
             raise ReproduceError(f"training run {key!r} failed (command above); rerun to resume it")
@@ -966,7 +971,7 @@ def main_impl(argv=None) -> dict:
     dcdit_cfg, dit_cfg = (load_config(os.path.join(ROOT, c), data) for c in configs)
     depths = matched_depths(dcdit_cfg, dit_cfg)
     two_stage = two_stage_spec(dcdit_cfg) if args.two_stage else None
-    specs = run_specs(depths, plan, configs, data, two_stage, tuple(args.tables), dcdit_cfg)
+    specs = run_specs(depths, plan, dcdit_cfg, configs, data, two_stage, tuple(args.tables))
     start = time.perf_counter()
     trained = {}
     for key, (_, cfg, overrides) in specs.items():  # {key} in an override: that run's final checkpoint
@@ -999,17 +1004,16 @@ def main_impl(argv=None) -> dict:
         """Sample one set from `model` (the weights of checkpoint `source`) and score it -> (row, the sample set);
         its wall times go to `phases`. The set and its FID features are cached in work/scores/ (cached_set)."""
         def make() -> dict:
-            start = time.perf_counter()
             s = sample_set(model, cfg, plan, f, desc=f"sample {name}", vae=vae, uncond_tail_drop=uncond_f)
-            mid = time.perf_counter()
+            start = time.perf_counter()
             acts = features(net, s["images"], f"features {name}")
-            return dict(s, acts=acts, feature_seconds=time.perf_counter() - mid, sample_seconds=mid - start)
+            return dict(s, acts=acts, feature_seconds=time.perf_counter() - start)
 
         ckpt = source.split("#")[0]
         ident = {"source": source, "bytes": os.path.getsize(ckpt), "plan": dataclasses.asdict(plan), "f": f,
                  "uncond_f": uncond_f, "features": feature_label}
         s = cached_set(os.path.join(work, "scores", re.sub(r"[^\w.=-]+", "_", name) + ".npz"), ident, make)
-        phases[f"sampling {name}"] = float(s["sample_seconds"])
+        phases[f"sampling {name}"] = s["seconds"]
         start = time.perf_counter()
         fid, fid_sd = fid_with_spread(ref_stats, s["acts"], plan.bootstraps)
         phases[f"FID {name}"] = float(s["feature_seconds"]) + time.perf_counter() - start
@@ -1039,7 +1043,7 @@ def main_impl(argv=None) -> dict:
             if f == 0.0:
                 sets[label] = by_key[key] = s["images"]
                 models[key] = dict(row, label=label, params=count_params(model), train_seconds=trained[key]["seconds"],
-                                   sample_seconds=float(s["sample_seconds"]), command=trained[key]["command"],
+                                   sample_seconds=s["seconds"], command=trained[key]["command"],
                                    ckpt=os.path.relpath(trained[key]["ckpt"], out))
                 if ratio:
                     compression[key] = ratio
@@ -1090,7 +1094,7 @@ def main_impl(argv=None) -> dict:
            "enrichment": enrichment, "tail_drop": tail, "phases": phases, "recipe": recipe,
            "two_stage": two_stage[1] if two_stage else None, "lite_cfg": lite, "upcycling": upcycling,
            "budgets": list(budgets), "distill_steps": distill_steps(plan),
-           "dydit": {"target": DYDIT_TARGET, "steps": max(1, round(DYDIT_SHARE * plan.steps)),
+           "dydit": {"target": DYDIT_TARGET, "steps": dydit_steps(plan),
                      "lr": dcdit_cfg.train.lr * DYDIT_LR_SCALE},
            "zero_output": zero_row, "recognition_bar": RECOGNITION_BAR,
            "agreement": {f"{a} vs {b}": agreement(by_key[a], by_key[b]) for a, b in AGREEMENT_PAIRS
