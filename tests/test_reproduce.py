@@ -249,3 +249,33 @@ def test_agreement_and_the_zero_output_reference():
         zero = reproduce.zero_output(model)
         assert torch.equal(zero(x, t, y), torch.zeros_like(model(x, t, y)))
         assert model(x, t, y).abs().max() > 0  # the original is untouched
+
+
+def test_status_reports_each_run_from_its_folder_and_trains_nothing(tmp_path, capsys, monkeypatch):
+    """--status: the newest checkpoint of each run of the asked tables, its logged training time, the scored sets;
+    no run folder, autoencoder or report is created."""
+    monkeypatch.setattr(reproduce, "matched_depths", lambda *cfgs: {"isoparam": 5, "isoflop": 7})  # tested above
+    work = tmp_path / "work"
+    done = work / "runs" / "dcdit" / "000-DCDiT-S"
+    (done / "checkpoints").mkdir(parents=True)
+    for step in (6, 12):
+        (done / "checkpoints" / f"{step:07d}.pt").write_bytes(b"")
+    (done / "log.txt").write_text('[t] run folder x\n[t] {"step": 12, "steps_per_sec": 2.0}\n')
+    half = work / "runs" / "random" / "000-DCDiT-S" / "checkpoints"
+    half.mkdir(parents=True)
+    (half / "0000006.pt").write_bytes(b"")
+    (half / "not-a-step.pt").write_bytes(b"")  # only NNNNNNN.pt files are checkpoints
+    (work / "scores").mkdir()
+    (work / "scores" / "dcdit_f=0.npz").write_bytes(b"")
+    res = reproduce.main_impl(["--out", str(tmp_path), "--quick", "--tables", "1", "2", "--status"])
+    rows = {r["key"]: r for r in res["runs"]}
+    assert list(rows) == ["dcdit", "random", "isoparam", "isoflop"]  # Tables 1 and 2's runs, in training order
+    assert rows["isoflop"]["label"] == "DiT/2 isoflop (depth 7)" and rows["isoflop"]["step"] == 0
+    assert (rows["dcdit"]["step"], rows["dcdit"]["steps"], rows["dcdit"]["seconds"]) == (12, 12, 6.0)
+    assert (rows["random"]["step"], rows["random"]["seconds"]) == (6, 0.0)
+    out = capsys.readouterr().out
+    assert "done" in out.splitlines()[0] and " 50%" in out.splitlines()[1] and "scored and cached: 1" in out
+    assert not (work / "runs" / "isoparam").exists() and not (tmp_path / "REPORT.md").exists()
+    # The latent space reads its folders the same way, without training the autoencoder first.
+    reproduce.main_impl(["--out", str(tmp_path), "--quick", "--space", "latent", "--tables", "2", "--status"])
+    assert "autoencoder: to train" in capsys.readouterr().out and not (work / "autoencoder").exists()

@@ -4,6 +4,7 @@
     python tools/reproduce.py --out reports/digits_latent --space latent   # the paper's latent setting in miniature
     python tools/reproduce.py --out /tmp/r --quick           # a few minutes: every section, tiny sizes
     python tools/reproduce.py --out /tmp/t2 --tables 2       # one table alone: only the runs it needs
+    python tools/reproduce.py --out reports/digits_latent --space latent --status   # how far each run has got
 
 --space latent first trains the small AutoencoderKL of tools/train_autoencoder.py on the digits at 64 x 64
 (resumable), writes Fast-DiT feature folders with extract_features.py (16 x 16 x 4 latents), and trains and
@@ -279,6 +280,37 @@ def final_checkpoint(run_root: str, steps: int):
 def max_steps(overrides: list) -> int:
     """The train.max_steps a run's overrides set (the last one wins, as in config.py)."""
     return [int(o.split("=", 1)[1]) for o in overrides if o.startswith("train.max_steps=")][-1]
+
+
+def run_progress(work: str, specs: dict) -> list:
+    """Where each run of `specs` stands, from its folder alone (nothing is trained or loaded): one dict per run with
+    key, label, step (its newest checkpoint, 0 when none), steps (what the plan trains) and seconds (training_seconds
+    so far)."""
+    rows = []
+    for key, (label, _, overrides) in specs.items():
+        ckpts = glob.glob(os.path.join(work, "runs", key, "*", "checkpoints", "*.pt"))
+        numbered = [(int(os.path.basename(c)[:-3]), c) for c in ckpts if os.path.basename(c)[:-3].isdigit()]
+        step, newest = max(numbered) if numbered else (0, None)
+        run_dir = os.path.dirname(os.path.dirname(newest)) if newest else None
+        seconds = training_seconds(run_dir) if run_dir and os.path.isfile(os.path.join(run_dir, "log.txt")) else 0.0
+        rows.append(dict(key=key, label=label, step=step, steps=max_steps(overrides), seconds=seconds))
+    return rows
+
+
+def print_status(work: str, specs: dict, latent: bool) -> list:
+    """--status: the pieces of this invocation, done or how far, in the order a rerun takes them."""
+    if latent:
+        ae_done = os.path.isfile(os.path.join(work, "autoencoder", "report.json"))
+        print(f"autoencoder: {'done' if ae_done else 'to train'}")
+    rows = run_progress(work, specs)
+    width = max(len(r["label"]) for r in rows)
+    for r in rows:
+        state = "done" if r["step"] >= r["steps"] else f"{100 * r['step'] / r['steps']:.0f}%"
+        print(f"{r['key']:<9} {r['label']:<{width}}  {r['step']:>6} / {r['steps']:<6} {state:>5}  "
+              f"{r['seconds'] / 60:6.1f} min of training logged")
+    scored = glob.glob(os.path.join(work, "scores", "*.npz"))
+    print(f"sample sets scored and cached: {len(scored)} (in {os.path.join(work, 'scores')})")
+    return rows
 
 
 def training_seconds(run_dir: str) -> float:
@@ -946,6 +978,9 @@ def main_impl(argv=None) -> dict:
                         help="which tables to train and score: 1 = DC-DiT vs the parameter- and FLOP-matched DiT/2, "
                              "2 = learned vs random boundaries, 3 = upcycling a DiT/2 with and without distillation, "
                              "4 = DyDiT fine-tune (default all; each alone needs fewer runs)")
+    parser.add_argument("--status", action="store_true",
+                        help="only print how far each training run of this invocation has got (steps, training "
+                             "time) and how many sample sets are scored; nothing is trained, sampled or scored")
     parser.add_argument("--rerender", action="store_true",
                         help="only rewrite OUT/REPORT.md from the numbers in OUT/results.json (after a change to the "
                              "report's wording; nothing is trained, sampled or scored)")
@@ -965,7 +1000,8 @@ def main_impl(argv=None) -> dict:
     if latent:
         start = time.perf_counter()
         configs = LATENT_CONFIGS
-        data, autoencoder = prepare_latent(work, plan)
+        # --status reads the run folders only: the latent data overrides do not change a run's folder or steps.
+        data, autoencoder = ([], {}) if args.status else prepare_latent(work, plan)
         phases["autoencoder and features, this invocation"] = time.perf_counter() - start
         if autoencoder.get("train_seconds") is not None:  # across the invocations that trained it
             phases["autoencoder training"] = autoencoder["train_seconds"]
@@ -973,6 +1009,8 @@ def main_impl(argv=None) -> dict:
     depths = matched_depths(dcdit_cfg, dit_cfg)
     two_stage = two_stage_spec(dcdit_cfg) if args.two_stage else None
     specs = run_specs(depths, plan, dcdit_cfg, configs, data, two_stage, tuple(args.tables))
+    if args.status:
+        return {"runs": print_status(work, specs, latent)}
     start = time.perf_counter()
     trained = {}
     for key, (_, cfg, overrides) in specs.items():  # {key} in an override: that run's final checkpoint
