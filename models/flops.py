@@ -165,7 +165,8 @@ def _inputs(model: nn.Module, device) -> tuple:
 
 
 @contextmanager
-def _eval(model: nn.Module):
+def evaluating(model: nn.Module):
+    """Eval mode for a measurement (dropout and label dropout off), then back to the mode the model had."""
     was_training = model.training
     model.eval()
     try:
@@ -178,7 +179,7 @@ def _count_forward(model: nn.Module, by_component: bool = False):
     """FLOPs of one batch-1 forward of `model` on its own device (meta included); with by_component, the
     {component: FLOPs} split of `_components` instead."""
     device = _device(model)
-    with _eval(model), torch.no_grad(), _ShapeOnly(), flop_counter() as counter:
+    with evaluating(model), torch.no_grad(), _ShapeOnly(), flop_counter() as counter:
         model(*_inputs(model, device))
     if not by_component:
         return counter.get_total_flops()

@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 import traceback
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -60,7 +60,7 @@ from models.checkpoint_io import model_state, read_checkpoint
 from models.chunking import chunk, grid_coords, plug_back_index
 from models.dydit import GATE_PREFIXES, dydit_execution, fix_gates, load_dcdit_weights
 from models.flops import (block_flops, component_flops, count_params, dcdit_flops_coeffs, dydit_dims,
-                          dydit_info_row_flops, dydit_row_flops, forward_flops, quadratic, stage_flops,
+                          dydit_info_row_flops, dydit_row_flops, evaluating, forward_flops, quadratic, stage_flops,
                           static_block_flops)
 from models.routing import keep_exactly, ratio_loss
 
@@ -337,17 +337,6 @@ def measure(jobs: Dict[str, Callable[[], object]], repeats: int, warmup: int, de
         print(f"  {title} {i + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.4f}s" for k, v in times.items()),
               flush=True)
     return {name: dict(median_s=statistics.median(v), times_s=v) for name, v in times.items()}
-
-
-@contextmanager
-def evaluating(model: nn.Module):
-    """Eval mode for a sampling measurement, then back to the mode it had."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -567,6 +567,11 @@ def _mean_where(series: dict, key: str, lo: int, hi: int) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def _by_band(series: dict, key: str) -> str:
+    """Table cells: the mean of series[key] over the noisy (t >= 750), middle and clean (t < 250) timesteps."""
+    return " | ".join(f"{_mean_where(series, key, lo, hi):.2f}" for lo, hi in ((750, 1000), (250, 750), (0, 250)))
+
+
 def _beats(a: dict, b: dict) -> tuple:
     """(row a has the lower FID, the evidence: both FIDs, the margin and whether it exceeds 2 bootstrap sd)."""
     margin = b["fid"] - a["fid"]
@@ -679,9 +684,7 @@ def two_stage_section(res: dict) -> list:
     e = res["enrichment"]["twostage"]
     for name, row in (("stage 0 (tokens -> chunks)", e), ("stage 1 (chunks -> inner chunks)", e.get("stage1"))):
         if row:
-            lines.append(f"| {name} | {_mean_where(row, 'enrichment', 750, 1000):.2f} | "
-                         f"{_mean_where(row, 'enrichment', 250, 750):.2f} | {_mean_where(row, 'enrichment', 0, 250):.2f}"
-                         f" | {float(np.nanmean(row['enrichment'])):.2f} |")
+            lines.append(f"| {name} | {_by_band(row, 'enrichment')} | {float(np.nanmean(row['enrichment'])):.2f} |")
     return lines + ["", "![two-stage boundary maps](boundary_maps_two_stage.png)", ""]
 
 
@@ -865,8 +868,7 @@ def write_report(res: dict, out: str) -> str:
         if k not in res["enrichment"]:
             continue
         e = res["enrichment"][k]
-        lines.append(f"| {res['models'][k]['label']} | {_mean_where(e, 'enrichment', 750, 1000):.2f} | "
-                     f"{_mean_where(e, 'enrichment', 250, 750):.2f} | {_mean_where(e, 'enrichment', 0, 250):.2f} | "
+        lines.append(f"| {res['models'][k]['label']} | {_by_band(e, 'enrichment')} | "
                      f"{float(np.nanmean(e['enrichment'])):.2f} | {e['stroke_share']:.2f} |")
     lines += ["", "![enrichment](enrichment.png)", "", "## Compression vs timestep", "",
               f"L / M of every conditional row at every step of the {p['n_samples']}-image sampling run (f = 0):", "",
@@ -875,9 +877,7 @@ def write_report(res: dict, out: str) -> str:
         if k not in res["compression"]:
             continue
         c = res["compression"][k]
-        lines.append(f"| {res['models'][k]['label']} | {_mean_where(c, 'mean', 750, 1000):.2f} | "
-                     f"{_mean_where(c, 'mean', 250, 750):.2f} | {_mean_where(c, 'mean', 0, 250):.2f} | "
-                     f"{c['overall']:.2f} |")
+        lines.append(f"| {res['models'][k]['label']} | {_by_band(c, 'mean')} | {c['overall']:.2f} |")
     lite = res.get("lite_cfg")  # results.json files written before Lite-CFG was measured have none
     lines += ["", "![compression](compression_vs_t.png)", "",
               f"## Tail dropping{' and Lite-CFG' if lite else ''} (one multi-budget checkpoint)", "",
