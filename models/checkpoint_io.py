@@ -42,6 +42,16 @@ def model_state(ckpt, use_ema: bool = True) -> Tuple[Optional[dict], str]:
     return None, "neither 'ema'/'model' nor a state dict of tensors"
 
 
+def load_strict(model: torch.nn.Module, state: dict, error: Type[Exception], what: str) -> None:
+    """model.load_state_dict(state, strict=True); a mismatch raises `error` in one line: `what`, then the first
+    specific line of PyTorch's report (the missing, unexpected or mis-shaped keys)."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise error(f"{what}: {lines[1] if len(lines) > 1 else lines[0]}") from None
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked (one line, printed by scripts without a traceback)."""
     user_error = True
@@ -77,10 +87,5 @@ def load_checkpoint(path: str, weights: str = "ema", configure=None, device="cpu
     else:
         cfg = config_from_dict(saved)
     model = create_model(cfg.model, cfg.dydit)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise error(f"{what} {path} does not fit model {cfg.model.name}: "
-                    f"{lines[1] if len(lines) > 1 else lines[0]}") from None
+    load_strict(model, state, error, f"{what} {path} does not fit model {cfg.model.name}")
     return model.to(device).eval(), cfg

@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 import torch
 
 from config import Config, config_from_dict, config_to_dict
+from .checkpoint_io import load_strict
 from .dit import DIT_SIZES
 
 # The release's config dataclasses (its config.py), by the name they are pickled under.
@@ -262,12 +263,8 @@ def convert_release_checkpoint(path: str) -> Tuple[dict, Config, list]:
                                                       atol=1e-5)):
             raise ReleaseCheckpointError(f"{path}: {which} pos_embed {tuple(pos.shape)} is not the fixed 2D sin-cos "
                                          f"table of a {model.grid[0]}x{model.grid[1]} grid that DCDiT uses")
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            raise ReleaseCheckpointError(f"{path}: {which} weights do not fit {cfg.model.name} as converted: "
-                                         f"{lines[1] if len(lines) > 1 else lines[0]}") from None
+        load_strict(model, state, ReleaseCheckpointError, f"{path}: {which} weights do not fit {cfg.model.name} "
+                    "as converted")
         out[which] = model.state_dict()
     if "opt" in ckpt:
         notes.append("optimizer state not converted (fine-tuning starts a fresh AdamW)")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fileio import atomic_save
-from models.checkpoint_io import model_state, read_checkpoint
+from models.checkpoint_io import load_strict, model_state, read_checkpoint
 
 
 class Bad(Exception):
@@ -30,3 +30,13 @@ def test_read_checkpoint_errors_name_the_setting(tmp_path):
     with pytest.raises(Bad, match=r"--ckpt .*cut\.pt: cannot read it with torch.load\(weights_only=True\)"):
         read_checkpoint(str(path), "--ckpt", Bad)
     assert list(tmp_path.iterdir()) == [path]  # atomic_save left no temp file behind
+
+
+def test_load_strict_names_the_offending_keys_in_one_line():
+    model = torch.nn.Linear(2, 3)
+    load_strict(model, {"weight": torch.ones(3, 2), "bias": torch.zeros(3)}, Bad, "x.pt")
+    assert torch.equal(model.weight, torch.ones(3, 2))
+    with pytest.raises(Bad, match=r'^x\.pt: Missing key\(s\) in state_dict: "bias"\.$'):
+        load_strict(model, {"weight": torch.ones(3, 2)}, Bad, "x.pt")
+    with pytest.raises(Bad, match=r"^x\.pt: size mismatch for weight: .*torch\.Size\(\[3, 2\]\)"):
+        load_strict(model, {"weight": torch.ones(2, 2), "bias": torch.zeros(3)}, Bad, "x.pt")
