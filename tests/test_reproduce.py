@@ -208,6 +208,7 @@ def test_training_seconds_counts_each_logged_interval_once_across_resumes(tmp_pa
     (tmp_path / "log.txt").write_text("\n".join(lines) + "\n")
     # 100 / 2 for the first 100 steps; 50 / 5 and 100 / 10 after the resume replace the first 200 and 300.
     assert reproduce.training_seconds(str(tmp_path)) == pytest.approx(50 + 10 + 10)
+    assert reproduce.training_seconds(str(tmp_path), upto=200) == pytest.approx(50 + 10)
 
 
 def test_cached_set_is_reused_only_for_the_same_ident(tmp_path):
@@ -261,6 +262,8 @@ def test_status_reports_each_run_from_its_folder_and_trains_nothing(tmp_path, ca
     for step in (6, 12):
         (done / "checkpoints" / f"{step:07d}.pt").write_bytes(b"")
     (done / "log.txt").write_text('[t] run folder x\n[t] {"step": 12, "steps_per_sec": 2.0}\n')
+    # An older, longer attempt logged steps past the newest checkpoint: they are still to be redone.
+    (done / "log.txt").open("a").write('[t] {"step": 20, "steps_per_sec": 1.0}\n')
     half = work / "runs" / "random" / "000-DCDiT-S" / "checkpoints"
     half.mkdir(parents=True)
     (half / "0000006.pt").write_bytes(b"")

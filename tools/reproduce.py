@@ -292,7 +292,8 @@ def run_progress(work: str, specs: dict) -> list:
         numbered = [(int(os.path.basename(c)[:-3]), c) for c in ckpts if os.path.basename(c)[:-3].isdigit()]
         step, newest = max(numbered) if numbered else (0, None)
         run_dir = os.path.dirname(os.path.dirname(newest)) if newest else None
-        seconds = training_seconds(run_dir) if run_dir and os.path.isfile(os.path.join(run_dir, "log.txt")) else 0.0
+        has_log = run_dir and os.path.isfile(os.path.join(run_dir, "log.txt"))
+        seconds = training_seconds(run_dir, upto=step) if has_log else 0.0
         rows.append(dict(key=key, label=label, step=step, steps=max_steps(overrides), seconds=seconds))
     return rows
 
@@ -313,11 +314,12 @@ def print_status(work: str, specs: dict, latent: bool) -> list:
     return rows
 
 
-def training_seconds(run_dir: str) -> float:
+def training_seconds(run_dir: str, upto: int = None) -> float:
     """Training time of a run from its log.txt, across the invocations that resumed it: every logged interval is
     (steps since the previous log line or the resume point) / its steps_per_sec, and a step logged again after a
     resume counts once (its latest interval). Start-up, checkpoint writes and steps redone after a kill are left
-    out, so runs finished in different sessions compare fairly."""
+    out, so runs finished in different sessions compare fairly. `upto`: only the steps up to it (a run's newest
+    checkpoint, when steps logged past it by an older, longer attempt are still to be redone)."""
     intervals, prev = {}, 0
     with open(os.path.join(run_dir, "log.txt")) as f:
         for line in f:
@@ -331,7 +333,7 @@ def training_seconds(run_dir: str) -> float:
                 if "step" in rec and rec.get("steps_per_sec"):
                     intervals[rec["step"]] = (rec["step"] - prev) / rec["steps_per_sec"]
                     prev = rec["step"]
-    return float(sum(intervals.values()))
+    return float(sum(v for step, v in intervals.items() if upto is None or step <= upto))
 
 
 def train(key: str, config: str, overrides: list, work: str) -> dict:
