@@ -56,7 +56,7 @@ from data import DigitsDataset, digits_rgb, to_uint8_images
 from evaluations.activations import compute_activations
 from evaluations.digits import load_classifier, recognised
 from evaluations.images import ArrayImages
-from evaluations.inception import WeightsUnavailable, feature_net
+from evaluations.inception import WeightsUnavailable, feature_net, file_sha256
 from evaluations.metrics import frechet_distance, gaussian_statistics
 from fileio import atomic_write
 from sampling import Sampler, generate, load_model_for_sampling, load_vae_if_latent
@@ -282,15 +282,20 @@ def max_steps(overrides: list) -> int:
     return [int(o.split("=", 1)[1]) for o in overrides if o.startswith("train.max_steps=")][-1]
 
 
+def newest_checkpoint(run_root: str) -> tuple:
+    """-> (step, path) of the newest `checkpoints/NNNNNNN.pt` (train.py's names) in any run folder under run_root;
+    (0, None) when there is none."""
+    ckpts = glob.glob(os.path.join(run_root, "*", "checkpoints", "[0-9]" * 7 + ".pt"))
+    return max((int(os.path.basename(c)[:-3]), c) for c in ckpts) if ckpts else (0, None)
+
+
 def run_progress(work: str, specs: dict) -> list:
     """Where each run of `specs` stands, from its folder alone (nothing is trained or loaded): one dict per run with
     key, label, step (its newest checkpoint, 0 when none), steps (what the plan trains) and seconds (training_seconds
     so far)."""
     rows = []
     for key, (label, _, overrides) in specs.items():
-        ckpts = glob.glob(os.path.join(work, "runs", key, "*", "checkpoints", "*.pt"))
-        numbered = [(int(os.path.basename(c)[:-3]), c) for c in ckpts if os.path.basename(c)[:-3].isdigit()]
-        step, newest = max(numbered) if numbered else (0, None)
+        step, newest = newest_checkpoint(os.path.join(work, "runs", key))
         run_dir = os.path.dirname(os.path.dirname(newest)) if newest else None
         has_log = run_dir and os.path.isfile(os.path.join(run_dir, "log.txt"))
         seconds = training_seconds(run_dir, upto=step) if has_log else 0.0
@@ -350,8 +355,8 @@ def train(key: str, config: str, overrides: list, work: str) -> dict:
     if done:
         print(f"[{key}] already trained: {done}", flush=True)
     else:
-        partial = sorted(glob.glob(os.path.join(run_root, "*", "checkpoints", "*.pt")))
-        resume = ["--resume", os.path.dirname(os.path.dirname(partial[-1]))] if partial else []
+        _, partial = newest_checkpoint(run_root)
+        resume = ["--resume", os.path.dirname(os.path.dirname(partial))] if partial else []
         cmd = script + resume + args
         print(f"[{key}] {' '.join(cmd)}", flush=True)
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
@@ -399,7 +404,7 @@ def sample_set(model, cfg, plan: Plan, tail_drop: float, desc: str, vae=None, un
 
 
 def cached_set(path: str, ident: dict, make) -> dict:
-    """A sample set with its FID features, from `path` when it was made for the same `ident` (checkpoint, its size,
+    """A sample set with its FID features, from `path` when it was made for the same `ident` (checkpoint, its digest,
     plan, fractions, features), else made by `make()` and saved there first (atomically): a killed report loses at
     most the set it was sampling."""
     key = json.dumps(ident, sort_keys=True)
@@ -1051,7 +1056,9 @@ def main_impl(argv=None) -> dict:
             return dict(s, acts=acts, feature_seconds=time.perf_counter() - start)
 
         ckpt = source.split("#")[0]
-        ident = {"source": source, "bytes": os.path.getsize(ckpt), "plan": dataclasses.asdict(plan), "f": f,
+        # The checkpoint's content, not only its path: a run retrained to the same step writes a file of the same
+        # name and size.
+        ident = {"source": source, "sha256": file_sha256(ckpt), "plan": dataclasses.asdict(plan), "f": f,
                  "uncond_f": uncond_f, "features": feature_label}
         s = cached_set(os.path.join(work, "scores", re.sub(r"[^\w.=-]+", "_", name) + ".npz"), ident, make)
         phases[f"sampling {name}"] = s["seconds"]
