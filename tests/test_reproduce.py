@@ -159,8 +159,12 @@ def test_quick_latent_pipeline_end_to_end(tmp_path, monkeypatch):
     and 4 alone (--tables): the teacher, the upcycled runs from it and the DyDiT fine-tune of the DC-DiT."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     reproduce.main_impl(["--out", str(tmp_path), "--quick", "--space", "latent", "--features", "pixels",
-                         "--tables", "3", "4"])
+                         "--tables", "3", "4", "--jobs", "2"])
     work = tmp_path / "work"
+    # Two at a time (--jobs 2), each child's output in its own log; the upcycled runs waited for the teacher and
+    # DyDiT for the DC-DiT (their commands name those final checkpoints, below).
+    for key in ("dcdit", "teacher", "upcycle", "distill", "dydit"):
+        assert "saved checkpoint" in (work / "runs" / f"{key}.log").read_text(), key
     ae = json.loads((work / "autoencoder" / "config.json").read_text())
     assert ae["_class_name"] == "AutoencoderKL" and ae["latent_channels"] == 4
     record = json.loads((work / "features" / "imagenet64_features" / "latents.json").read_text())
@@ -282,3 +286,57 @@ def test_status_reports_each_run_from_its_folder_and_trains_nothing(tmp_path, ca
     # The latent space reads its folders the same way, without training the autoencoder first.
     reproduce.main_impl(["--out", str(tmp_path), "--quick", "--space", "latent", "--tables", "2", "--status"])
     assert "autoencoder: to train" in capsys.readouterr().out and not (work / "autoencoder").exists()
+
+
+def test_train_all_runs_jobs_at_once_and_waits_for_the_checkpoints_a_run_starts_from(tmp_path, monkeypatch):
+    """The scheduler alone (children that sleep instead of training): at most `jobs` at once, a run that starts from
+    another's final checkpoint gets its path and starts only after it, a failure stops the runs beside it."""
+    import subprocess
+    import sys
+    import time
+    finished, started = [], {}
+    sleep = {"slow": 30.0}
+
+    def fake_start(key, config, overrides, work, threads=None):
+        started[key] = dict(overrides=overrides, threads=threads, at=time.monotonic())
+        code = 1 if key == "bad" else 0
+        proc = subprocess.Popen([sys.executable, "-c",
+                                 f"import time, sys; time.sleep({sleep.get(key, 0.5)}); sys.exit({code})"])
+        return reproduce.TrainJob(key, str(tmp_path / key), 10, f"train {key}", proc=proc)
+
+    def fake_finish(job):
+        finished.append(job.key)
+        if job.proc.returncode != 0:
+            raise reproduce.ReproduceError(f"{job.key} failed")
+        return {"ckpt": f"/ckpt/{job.key}.pt", "seconds": 1.0, "command": job.command}
+
+    monkeypatch.setattr(reproduce, "start_training", fake_start)
+    monkeypatch.setattr(reproduce, "finish_training", fake_finish)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    specs = {"a": ("A", "c", ["x=1"]), "b": ("B", "c", ["x=2"]), "child": ("C", "c", ["init={a}"]),
+             "d": ("D", "c", [])}
+    out = reproduce.train_all(specs, str(tmp_path), jobs=2)
+    assert list(out) == list(specs) and out["child"]["ckpt"] == "/ckpt/child.pt"
+    assert started["child"]["overrides"] == ["init=/ckpt/a.pt"]  # the placeholder became a's final checkpoint
+    assert all(s["threads"] == 3 for s in started.values())  # OMP_NUM_THREADS set by the caller wins
+    # a and b together; child and d only once a slot is free, child only after a finished.
+    assert abs(started["a"]["at"] - started["b"]["at"]) < 0.4
+    assert min(started["child"]["at"], started["d"]["at"]) > started["a"]["at"] + 0.4
+    assert finished.index("a") < finished.index("child")
+
+    # One at a time: specs' order, the machine's threads and this console.
+    started.clear()
+    reproduce.train_all(specs, str(tmp_path), jobs=1)
+    assert sorted(started, key=lambda k: started[k]["at"]) == ["a", "b", "child", "d"]
+    assert all(s["threads"] is None for s in started.values())
+
+    # A failed run stops the one beside it (terminated, not waited for).
+    jobs = {}
+    monkeypatch.setattr(reproduce, "start_training", lambda key, *a, **k: jobs.setdefault(key, fake_start(key, *a, **k)))
+    t0 = time.monotonic()
+    with pytest.raises(reproduce.ReproduceError, match="bad failed"):
+        reproduce.train_all({"bad": ("X", "c", []), "slow": ("S", "c", [])}, str(tmp_path), jobs=2)
+    assert jobs["slow"].proc.returncode < 0 and time.monotonic() - t0 < 10
+    # A run starting from one this invocation does not train is refused before anything starts.
+    with pytest.raises(reproduce.ReproduceError, match="starts from \\['teacher'\\]"):
+        reproduce.train_all({"up": ("U", "c", ["upcycle.checkpoint={teacher}"])}, str(tmp_path), jobs=2)

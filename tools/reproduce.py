@@ -5,6 +5,7 @@
     python tools/reproduce.py --out /tmp/r --quick           # a few minutes: every section, tiny sizes
     python tools/reproduce.py --out /tmp/t2 --tables 2       # one table alone: only the runs it needs
     python tools/reproduce.py --out reports/digits_latent --space latent --status   # how far each run has got
+    python tools/reproduce.py --out reports/digits_latent --space latent --jobs 2   # two runs at a time
 
 --space latent first trains the small AutoencoderKL of tools/train_autoencoder.py on the digits at 64 x 64
 (resumable), writes Fast-DiT feature folders with extract_features.py (16 x 16 x 4 latents), and trains and
@@ -42,6 +43,7 @@ import math
 import os
 import platform
 import re
+import string
 import subprocess
 import sys
 import time
@@ -341,30 +343,123 @@ def training_seconds(run_dir: str, upto: int = None) -> float:
     return float(sum(v for step, v in intervals.items() if upto is None or step <= upto))
 
 
-def train(key: str, config: str, overrides: list, work: str) -> dict:
-    """Train one model with train.py in a child process (its own Accelerate state); skip or resume.
+@dataclasses.dataclass
+class TrainJob:
+    """One training run of train_all: its final checkpoint when already trained, else the child training it."""
+    key: str
+    run_root: str
+    steps: int
+    command: str                          # what trains it from scratch (the report lists it)
+    done: str = None                      # the final checkpoint, once it exists
+    proc: subprocess.Popen = None
+    log: str = None                       # the child's output, when several train at once
 
-    -> ckpt (the final checkpoint), seconds (training_seconds of the run, wherever and whenever it trained) and
-    command (what trains it from scratch)."""
+
+def start_training(key: str, config: str, overrides: list, work: str, threads: int = None) -> TrainJob:
+    """Skip a run whose final checkpoint exists, else start train.py on it in a child process (its own Accelerate
+    state), resuming from its newest checkpoint. threads: the child's OMP/torch thread count, and its output goes
+    to runs/KEY.log (several children at once); None: the machine's default threads, output to this console."""
     run_root = os.path.join(work, "runs", key)
-    steps = max_steps(overrides)
     script = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, config)]
     args = [*overrides, f"train.results_dir={run_root}"]
     command = "python " + " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in script[1:] + args)
-    done = final_checkpoint(run_root, steps)
-    if done:
-        print(f"[{key}] already trained: {done}", flush=True)
-    else:
-        _, partial = newest_checkpoint(run_root)
-        resume = ["--resume", os.path.dirname(os.path.dirname(partial))] if partial else []
-        cmd = script + resume + args
-        print(f"[{key}] {' '.join(cmd)}", flush=True)
-        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-            raise ReproduceError(f"training run {key!r} failed (command above); rerun to resume it")
-        done = final_checkpoint(run_root, steps)
-        if done is None:
-            raise ReproduceError(f"training run {key!r} finished without checkpoints/{steps:07d}.pt in {run_root}")
-    return {"ckpt": done, "seconds": training_seconds(os.path.dirname(os.path.dirname(done))), "command": command}
+    job = TrainJob(key, run_root, max_steps(overrides), command)
+    job.done = final_checkpoint(run_root, job.steps)
+    if job.done:
+        print(f"[{key}] already trained: {job.done}", flush=True)
+        return job
+    _, partial = newest_checkpoint(run_root)
+    cmd = script + (["--resume", os.path.dirname(os.path.dirname(partial))] if partial else []) + args
+    print(f"[{key}] {' '.join(cmd)}", flush=True)
+    if threads is None:
+        job.proc = subprocess.Popen(cmd, cwd=ROOT)
+        return job
+    os.makedirs(os.path.dirname(run_root), exist_ok=True)
+    job.log = run_root + ".log"
+    print(f"[{key}] training on {threads} thread(s); its output: {job.log}", flush=True)
+    with open(job.log, "ab") as log:  # the child holds its own descriptor
+        job.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    return job
+
+
+def finish_training(job: TrainJob) -> dict:
+    """-> ckpt (the final checkpoint), seconds (training_seconds of the run, wherever and whenever it trained) and
+    command, once the job's child (if any) has exited."""
+    if job.proc is not None:
+        where = f" (its output: {job.log})" if job.log else " (command above)"
+        if job.proc.returncode != 0:
+            raise ReproduceError(f"training run {job.key!r} failed{where}; rerun to resume it")
+        job.done = final_checkpoint(job.run_root, job.steps)
+        if job.done is None:
+            raise ReproduceError(f"training run {job.key!r} finished without checkpoints/{job.steps:07d}.pt in "
+                                 f"{job.run_root}{where}")
+    return {"ckpt": job.done, "seconds": training_seconds(os.path.dirname(os.path.dirname(job.done))),
+            "command": job.command}
+
+
+def train(key: str, config: str, overrides: list, work: str) -> dict:
+    """Train one run to its final checkpoint (skip or resume it), output to this console: see finish_training."""
+    job = start_training(key, config, overrides, work)
+    if job.proc is not None:
+        job.proc.wait()
+    return finish_training(job)
+
+
+def needs(overrides: list) -> set:
+    """The runs whose final checkpoints a run's overrides name ({key})."""
+    return {name for o in overrides for _, name, _, _ in string.Formatter().parse(o) if name}
+
+
+def train_all(specs: dict, work: str, jobs: int = 1) -> dict:
+    """Train every run of `specs` (key -> (label, config, overrides)), up to `jobs` at once, in specs' order as far
+    as the order allows: a run that starts from another's final checkpoint ({key} in its overrides) waits for it.
+
+    With jobs > 1 each child gets its share of the cores (OMP_NUM_THREADS = cores // jobs, unless set): small models
+    use two threads poorly, and children each spinning on every core would wait on each other
+    (docs/reproduction.md has the measurement). A failed run stops the others (each resumes from its newest
+    checkpoint on a rerun). -> key -> finish_training's dict."""
+    for key, (_, _, overrides) in specs.items():
+        missing = needs(overrides) - set(specs)
+        if missing:
+            raise ReproduceError(f"training run {key!r} starts from {sorted(missing)}, which this invocation does not "
+                                 f"train (runs: {list(specs)})")
+    if jobs < 1:
+        raise ReproduceError(f"--jobs must be >= 1, got {jobs}")
+    threads = None
+    if jobs > 1:
+        threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)) // jobs))
+    trained, running, pending = {}, {}, list(specs)
+    try:
+        while pending or running:
+            ready = [k for k in pending if needs(specs[k][2]) <= set(trained)]
+            if not ready and not running:
+                raise ReproduceError(f"training runs {pending} start from each other's checkpoints")
+            for key in ready:
+                if len(running) >= jobs:
+                    break
+                pending.remove(key)
+                _, config, overrides = specs[key]
+                job = start_training(key, config, [o.format(**{k: v["ckpt"] for k, v in trained.items()})
+                                                   for o in overrides], work, threads)
+                if job.proc is None:
+                    trained[key] = finish_training(job)
+                else:
+                    running[key] = job
+            if not running:  # everything left waits on runs trained above: start them
+                continue
+            exited = [k for k, j in running.items() if j.proc.poll() is not None]
+            if not exited:
+                time.sleep(1.0)
+            for key in exited:
+                trained[key] = finish_training(running.pop(key))
+                if jobs > 1:
+                    print(f"[{key}] trained: {trained[key]['ckpt']}", flush=True)
+    finally:
+        for job in running.values():  # a failure or an interrupt: stop the rest at their last checkpoint
+            job.proc.terminate()
+            job.proc.wait()
+    return {k: trained[k] for k in specs}
 
 
 # ----------------------------------------------------------------------------- sampling and scoring
@@ -926,7 +1021,9 @@ def write_report(res: dict, out: str) -> str:
               "", "## Wall times", "", "| phase | minutes |", "|---|---:|"]
     lines += [f"| {k} | {v / 60:.1f} |" for k, v in res["phases"].items()]
     lines += ["", "Training commands (a rerun resumes each from its latest checkpoint; train min above is the "
-              "training time its log records, across the sessions it took):", "", "```"] + [
+              "training time its log records, across the sessions it took; a run trained beside others "
+              "(`--jobs`) had its share of the cores, so its minutes are its own wall time, not its cost alone):",
+              "", "```"] + [
               m["command"] or f"(reused {m['ckpt']})" for m in res["models"].values()] + ["```", ""]
     path = os.path.join(out, "REPORT.md")
     atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
@@ -985,6 +1082,9 @@ def main_impl(argv=None) -> dict:
                         help="which tables to train and score: 1 = DC-DiT vs the parameter- and FLOP-matched DiT/2, "
                              "2 = learned vs random boundaries, 3 = upcycling a DiT/2 with and without distillation, "
                              "4 = DyDiT fine-tune (default all; each alone needs fewer runs)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="train up to this many runs at once, each on cores // jobs threads (2 on a 2-core CPU: "
+                             "about 1.2x the throughput of one run on both cores; see docs/reproduction.md)")
     parser.add_argument("--status", action="store_true",
                         help="only print how far each training run of this invocation has got (steps, training "
                              "time) and how many sample sets are scored; nothing is trained, sampled or scored")
@@ -1019,10 +1119,7 @@ def main_impl(argv=None) -> dict:
     if args.status:
         return {"runs": print_status(work, specs, latent)}
     start = time.perf_counter()
-    trained = {}
-    for key, (_, cfg, overrides) in specs.items():  # {key} in an override: that run's final checkpoint
-        overrides = [o.format(**{k: v["ckpt"] for k, v in trained.items()}) for o in overrides]
-        trained[key] = train(key, cfg, overrides, work)
+    trained = train_all(specs, work, args.jobs)
     phases[f"training ({len(specs)} models), this invocation"] = time.perf_counter() - start
     phases.update({f"training {key} (from its log)": t["seconds"] for key, t in trained.items()})
 
