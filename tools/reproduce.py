@@ -781,6 +781,11 @@ def two_stage_section(res: dict) -> list:
              f"{single['compression']:.2f} | {single['fid']:.2f} ± {single['fid_sd']:.2f} | {rec(single)} |",
              f"| {m['label']} | {m['params'] / 1e6:.3f}M | {1e3 * m['tflops']:.2f} | {c0['overall']:.2f} | "
              f"{c1['overall']:.2f} | {m['fid']:.2f} ± {m['fid_sd']:.2f} | {rec(m)} |", "",
+             "Compression by timestep (L / M, mean over the sampling steps in each band; the figure above has the "
+             "curves):", "", "| | t >= 750 | 250 <= t < 750 | t < 250 | all steps |", "|---|---:|---:|---:|---:|",
+             f"| single-stage | {_by_band(res['compression']['dcdit'], 'mean')} | {single['compression']:.2f} |",
+             f"| two-stage, stage 0 | {_by_band(c0, 'mean')} | {c0['overall']:.2f} |",
+             f"| two-stage, innermost | {_by_band(c1, 'mean')} | {c1['overall']:.2f} |", "",
              "Stroke enrichment of each stage's boundaries (as above; stage 1's kept chunks are drawn on the token "
              "grid):", "", "| stage | t >= 750 | 250 <= t < 750 | t < 250 | all steps |", "|---|---:|---:|---:|---:|"]
     e = res["enrichment"]["twostage"]
@@ -1251,8 +1256,10 @@ def main_impl(argv=None) -> dict:
     res["claims"] = judge(res)
 
     plot_samples(sets, os.path.join(out, "samples.png"))
-    plot_compression({specs[k][0]: v for k, v in compression.items() if k in specs}, 4.0,
-                     os.path.join(out, "compression_vs_t.png"))
+    # The two-stage model's stage 0 too: compression per stage vs timestep.
+    labels = {k: specs[k][0] for k in specs}
+    labels.update({f"{k}_stage0": f"{specs[k][0]}, stage 0" for k in specs})
+    plot_compression({labels[k]: v for k, v in compression.items()}, 4.0, os.path.join(out, "compression_vs_t.png"))
     plot_enrichment({specs[k][0]: v for k, v in enrichment.items()}, os.path.join(out, "enrichment.png"))
     plot_pareto(tail, lite, [dict(models[k], label=models[k]["label"]) for k in ("isoparam", "isoflop") if k in models],
                 os.path.join(out, "tail_drop.png"))
