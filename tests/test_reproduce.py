@@ -281,9 +281,14 @@ def test_status_reports_each_run_from_its_folder_and_trains_nothing(tmp_path, ca
     assert list(rows) == ["dcdit", "random", "isoparam", "isoflop"]  # Tables 1 and 2's runs, in training order
     assert rows["isoflop"]["label"] == "DiT/2 isoflop (depth 7)" and rows["isoflop"]["step"] == 0
     assert (rows["dcdit"]["step"], rows["dcdit"]["steps"], rows["dcdit"]["seconds"]) == (12, 12, 6.0)
-    assert (rows["random"]["step"], rows["random"]["seconds"]) == (6, 0.0)
+    assert (rows["random"]["step"], rows["random"]["seconds"], rows["random"]["rate"]) == (6, 0.0, None)
+    assert rows["dcdit"]["rate"] == 1.0  # its last logged interval
     out = capsys.readouterr().out
     assert "done" in out.splitlines()[0] and " 50%" in out.splitlines()[1] and "scored and cached: 1" in out
+    assert "to go" not in out  # done, or no logged rate yet
+    (half.parent / "log.txt").write_text('[t] run folder x\n[t] {"step": 6, "steps_per_sec": 0.1}\n')
+    reproduce.main_impl(["--out", str(tmp_path), "--quick", "--tables", "2", "--status"])
+    assert "1 min to go at its last logged 0.10 steps/s" in capsys.readouterr().out  # 6 steps left at 0.1/s
     assert not (work / "runs" / "isoparam").exists() and not (tmp_path / "REPORT.md").exists()
     # The latent space reads its folders the same way, without training the autoencoder first.
     reproduce.main_impl(["--out", str(tmp_path), "--quick", "--space", "latent", "--tables", "2", "--status"])

@@ -301,8 +301,21 @@ def run_progress(work: str, specs: dict) -> list:
         run_dir = os.path.dirname(os.path.dirname(newest)) if newest else None
         has_log = run_dir and os.path.isfile(os.path.join(run_dir, "log.txt"))
         seconds = training_seconds(run_dir, upto=step) if has_log else 0.0
-        rows.append(dict(key=key, label=label, step=step, steps=max_steps(overrides), seconds=seconds))
+        rows.append(dict(key=key, label=label, step=step, steps=max_steps(overrides), seconds=seconds,
+                         rate=last_rate(run_dir) if has_log else None))
     return rows
+
+
+def last_rate(run_dir: str):
+    """The steps/s of a run's last logged interval (how fast it trains now, on this machine's current load); None
+    before its first log line."""
+    rate = None
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        for line in f:
+            text = line.split("] ", 1)[-1].strip()
+            if text.startswith("{"):
+                rate = json.loads(text).get("steps_per_sec", rate)
+    return rate
 
 
 def print_status(work: str, specs: dict, latent: bool) -> list:
@@ -313,9 +326,12 @@ def print_status(work: str, specs: dict, latent: bool) -> list:
     rows = run_progress(work, specs)
     width = max(len(r["label"]) for r in rows)
     for r in rows:
-        state = "done" if r["step"] >= r["steps"] else f"{100 * r['step'] / r['steps']:.0f}%"
+        left = r["steps"] - r["step"]
+        state = "done" if left <= 0 else f"{100 * r['step'] / r['steps']:.0f}%"
+        eta = f", {left / r['rate'] / 60:.0f} min to go at its last logged {r['rate']:.2f} steps/s" \
+            if left > 0 and r["rate"] else ""
         print(f"{r['key']:<9} {r['label']:<{width}}  {r['step']:>6} / {r['steps']:<6} {state:>5}  "
-              f"{r['seconds'] / 60:6.1f} min of training logged")
+              f"{r['seconds'] / 60:6.1f} min of training logged{eta}")
     scored = glob.glob(os.path.join(work, "scores", "*.npz"))
     print(f"sample sets scored and cached: {len(scored)} (in {os.path.join(work, 'scores')})")
     return rows
