@@ -10,6 +10,8 @@ import pytest
 from config import load_config
 from conftest import json_numbers
 from tools import reproduce
+from tools.reproduction import plan, runs, scoring
+from tools.reproduction import report as reporting
 from models.flops import build_model, count_params, forward_flops
 
 SECTIONS = ("## Setup", "## Claims", "## Table 1 in miniature", "## Where the boundaries land",
@@ -35,8 +37,8 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     assert "QUICK MODE" in report
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["models"]) == {"dcdit", "random", "isoparam", "isoflop", "twostage"}
-    assert [r["f"] for r in saved["tail_drop"]] == list(reproduce.FRACTIONS)
-    assert [r["uncond_f"] for r in saved["lite_cfg"]] == list(reproduce.LITE_CFG_FRACTIONS)
+    assert [r["f"] for r in saved["tail_drop"]] == list(plan.FRACTIONS)
+    assert [r["uncond_f"] for r in saved["lite_cfg"]] == list(plan.LITE_CFG_FRACTIONS)
     assert "Table 3 in miniature" not in report and not saved["upcycling"]  # its table was not asked for
     for path, value in json_numbers({k: v for k, v in saved.items() if k != "enrichment"}):
         assert math.isfinite(value), path
@@ -56,11 +58,11 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     assert 1.0 <= c0 <= c1 and saved["models"]["twostage"]["compression"] == c1
     assert "stage1" in saved["enrichment"]["twostage"] and saved["two_stage"]["flops"] > 0
     assert f"{c0:.2f} | {c1:.2f}" in report
-    assert f"| two-stage, stage 0 | {reproduce._by_band(saved['compression']['twostage_stage0'], 'mean')} | {c0:.2f} |" \
+    assert f"| two-stage, stage 0 | {reporting._by_band(saved['compression']['twostage_stage0'], 'mean')} | {c0:.2f} |" \
         in report  # compression per stage by timestep band
     assert len(res["claims"]) == 6 and report.count("| **yes** |") + report.count("| **no** |") == 6
     # The same-seed diagnostics: every pair measured, the zero-output reference scored, the baseline bar judged.
-    assert set(saved["agreement"]) == {f"{a} vs {b}" for a, b in reproduce.AGREEMENT_PAIRS}
+    assert set(saved["agreement"]) == {f"{a} vs {b}" for a, b in plan.AGREEMENT_PAIRS}
     assert all(0 <= a["mean_abs"] <= 255 and -1 <= a["corr"] <= 1 for a in saved["agreement"].values())
     assert saved["zero_output"]["fid"] >= 0 and "output layer zeroed" in report
     assert "Baseline bar:" in report and ("**met**" in report or "**not met**" in report)
@@ -72,29 +74,29 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     assert saved["depths"]["kept"] == 64
 
     # A rerun reuses a finished training run instead of training it again.
-    again = reproduce.train("dcdit", reproduce.DCDIT_CONFIG, [f"train.max_steps={reproduce.QUICK.steps}"],
+    again = runs.train("dcdit", plan.DCDIT_CONFIG, [f"train.max_steps={plan.QUICK.steps}"],
                             str(tmp_path / "work"))
-    assert again["ckpt"].endswith(f"{reproduce.QUICK.steps:07d}.pt") and "train.py --config" in again["command"]
+    assert again["ckpt"].endswith(f"{plan.QUICK.steps:07d}.pt") and "train.py --config" in again["command"]
     assert again["seconds"] == saved["models"]["dcdit"]["train_seconds"] > 0  # from the run's log, both times
 
 
 def test_matched_depths_pick_the_closest_dit():
-    dc_cfg = load_config(os.path.join(reproduce.ROOT, reproduce.DCDIT_CONFIG))
-    dit_cfg = load_config(os.path.join(reproduce.ROOT, reproduce.DIT_CONFIG))
-    d = reproduce.matched_depths(dc_cfg, dit_cfg)
+    dc_cfg = load_config(os.path.join(plan.ROOT, plan.DCDIT_CONFIG))
+    dit_cfg = load_config(os.path.join(plan.ROOT, plan.DIT_CONFIG))
+    d = plan.matched_depths(dc_cfg, dit_cfg)
     assert d["kept"] == 64 and d["dcdit_params"] == count_params(build_model(dc_cfg))
     for key, target in (("isoparam", "dcdit_params"), ("isoflop", "dcdit_flops_at_L_over_N")):
         metric = "params" if key == "isoparam" else "flops"
         gaps = {c["depth"]: abs(c[metric] - d[target]) for c in d["candidates"]}
         assert gaps[d[key]] == min(gaps.values())
-    deeper = load_config(os.path.join(reproduce.ROOT, reproduce.DIT_CONFIG), [f"model.depth={d['isoflop']}"])
+    deeper = load_config(os.path.join(plan.ROOT, plan.DIT_CONFIG), [f"model.depth={d['isoflop']}"])
     assert forward_flops(build_model(deeper)) == next(c["flops"] for c in d["candidates"]
                                                       if c["depth"] == d["isoflop"])
 
 
 def test_compression_by_step_uses_conditional_rows_only():
     kept = np.array([[4, 8, 1, 1], [16, 16, 2, 2]])  # (steps, [cond; uncond]) with L = 16
-    c = reproduce.compression_by_step(kept, np.array([999, 0]), L=16)
+    c = scoring.compression_by_step(kept, np.array([999, 0]), L=16)
     assert c["mean"] == [3.0, 1.0]
     assert c["overall"] == pytest.approx(16 / np.mean([4, 8, 16, 16]))
 
@@ -110,12 +112,12 @@ def _result(fids, enrich=(2.0, 1.0), comp=(8.0, 4.0), tail=((0.0, 1.0, 10.0), (0
 
 
 def test_judge_reports_claims_that_fail():
-    held = [h for _, h, _ in reproduce.judge(_result([10.0, 12.0, 11.0, 13.0]))]
+    held = [h for _, h, _ in reporting.judge(_result([10.0, 12.0, 11.0, 13.0]))]
     assert held == [True, True, True, True, True, True]
     # A worse learned router, boundaries off the strokes, clean steps compressed more, a cliff under dropping.
     bad = _result([12.0, 10.0, 11.0, 13.0], enrich=(0.5, 0.7), comp=(3.0, 6.0),
                   tail=((0.0, 1.0, 10.0), (0.3, 0.8, 11.0), (0.6, 0.6, 30.0)))
-    held = [h for _, h, _ in reproduce.judge(bad)]
+    held = [h for _, h, _ in reporting.judge(bad)]
     assert held == [False, False, True, False, False, False]
 
 
@@ -132,16 +134,16 @@ def test_table3_and_table4_claims_follow_the_numbers():
     good = {"dcdit": 10.0, "teacher": 11.0, "dydit": 10.1, ("upcycle", 200): 50.0, ("upcycle", 500): 12.0,
             ("upcycle", 1000): 9.0, ("distill", 200): 15.0, ("distill", 500): 8.0, ("distill", 1000): 7.0}
     res = _table34(dict(good))
-    assert [h for _, h, _ in reproduce.upcycling_claims(res)] == [True, True, True]
-    assert [h for _, h, _ in reproduce.dydit_claim(res)] == [True]
-    assert "12.5%" in reproduce.upcycling_claims(res)[0][0] and "25%" in reproduce.upcycling_claims(res)[1][0]
+    assert [h for _, h, _ in reporting.upcycling_claims(res)] == [True, True, True]
+    assert [h for _, h, _ in reporting.dydit_claim(res)] == [True]
+    assert "12.5%" in reporting.upcycling_claims(res)[0][0] and "25%" in reporting.upcycling_claims(res)[1][0]
     # Distilled at 12.5% loses to the teacher, the warm-up does not help early, DyDiT misses lambda.
     res = _table34({**good, ("distill", 500): 10.5, ("distill", 200): 60.0}, flops_ratio=0.9)
-    assert [h for _, h, _ in reproduce.upcycling_claims(res)] == [False, True, False]
-    assert [h for _, h, _ in reproduce.dydit_claim(res)] == [False]
+    assert [h for _, h, _ in reporting.upcycling_claims(res)] == [False, True, False]
+    assert [h for _, h, _ in reporting.dydit_claim(res)] == [False]
     # DyDiT reaches lambda but its FID is worse by more than 2 bootstrap sd.
-    assert [h for _, h, _ in reproduce.dydit_claim(_table34(dict(good, dydit=12.0)))] == [False]
-    assert reproduce.upcycling_claims({"models": {}}) == [] and reproduce.dydit_claim({"models": {}}) == []
+    assert [h for _, h, _ in reporting.dydit_claim(_table34(dict(good, dydit=12.0)))] == [False]
+    assert reporting.upcycling_claims({"models": {}}) == [] and reporting.dydit_claim({"models": {}}) == []
 
 
 def test_pixel_fallback_is_labelled():
@@ -171,7 +173,7 @@ def test_quick_latent_pipeline_end_to_end(tmp_path, monkeypatch):
     assert ae["_class_name"] == "AutoencoderKL" and ae["latent_channels"] == 4
     record = json.loads((work / "features" / "imagenet64_features" / "latents.json").read_text())
     assert record["downsample"] == 4 and record["scaling_factor"] == pytest.approx(ae["scaling_factor"])
-    assert len(list((work / "features" / "imagenet64_features").glob("*.npy"))) == reproduce.QUICK.n_latents
+    assert len(list((work / "features" / "imagenet64_features").glob("*.npy"))) == plan.QUICK.n_latents
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["space"] == "latent" and saved["input_size"] == 16
     assert saved["autoencoder"]["latents"]["latent_channels"] == 4 and saved["autoencoder"]["psnr_db"] > 0
@@ -188,7 +190,7 @@ def test_quick_latent_pipeline_end_to_end(tmp_path, monkeypatch):
     for key in ("upcycle", "distill"):
         assert f"upcycle.checkpoint={tmp_path / teacher}" in saved["models"][key]["command"]
     assert "upcycle.distill_steps=0" in saved["models"]["upcycle"]["command"]
-    budgets = list(reproduce.budget_steps(reproduce.QUICK))
+    budgets = list(plan.budget_steps(plan.QUICK))
     assert saved["budgets"] == budgets
     assert sorted((r["run"], r["steps"]) for r in saved["upcycling"]) == sorted(
         (run, b) for run in ("scratch", "upcycle", "distill") for b in budgets)
@@ -213,8 +215,8 @@ def test_training_seconds_counts_each_logged_interval_once_across_resumes(tmp_pa
              "[t] saved checkpoint x/0000300.pt"]
     (tmp_path / "log.txt").write_text("\n".join(lines) + "\n")
     # 100 / 2 for the first 100 steps; 50 / 5 and 100 / 10 after the resume replace the first 200 and 300.
-    assert reproduce.training_seconds(str(tmp_path)) == pytest.approx(50 + 10 + 10)
-    assert reproduce.training_seconds(str(tmp_path), upto=200) == pytest.approx(50 + 10)
+    assert runs.training_seconds(str(tmp_path)) == pytest.approx(50 + 10 + 10)
+    assert runs.training_seconds(str(tmp_path), upto=200) == pytest.approx(50 + 10)
 
 
 def test_cached_set_is_reused_only_for_the_same_ident(tmp_path):
@@ -227,25 +229,25 @@ def test_cached_set_is_reused_only_for_the_same_ident(tmp_path):
                 "acts": np.zeros((2, 8))}
 
     path = str(tmp_path / "scores" / "dcdit_f=0.npz")
-    first = reproduce.cached_set(path, {"source": "a.pt", "f": 0.0}, make)
-    again = reproduce.cached_set(path, {"source": "a.pt", "f": 0.0}, make)
+    first = scoring.cached_set(path, {"source": "a.pt", "f": 0.0}, make)
+    again = scoring.cached_set(path, {"source": "a.pt", "f": 0.0}, make)
     assert len(calls) == 1 and np.array_equal(again["images"], first["images"]) and again["kept0"] is None
     assert again["gated_tflops"] == 0.25 and again["seconds"] == 1.5 and np.array_equal(again["t"], first["t"])
-    other = reproduce.cached_set(path, {"source": "a.pt", "f": 0.3}, lambda: make(kept=False))  # another set
+    other = scoring.cached_set(path, {"source": "a.pt", "f": 0.3}, lambda: make(kept=False))  # another set
     assert len(calls) == 2 and int(other["images"][0, 0, 0, 0]) == 2
-    assert reproduce.cached_set(path, {"source": "a.pt", "f": 0.3}, make)["kept"] is None and len(calls) == 2
+    assert scoring.cached_set(path, {"source": "a.pt", "f": 0.3}, make)["kept"] is None and len(calls) == 2
 
 
 def test_agreement_and_the_zero_output_reference():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
-    assert reproduce.agreement(a, a) == {"mean_abs": 0.0, "corr": pytest.approx(1.0)}
+    assert scoring.agreement(a, a) == {"mean_abs": 0.0, "corr": pytest.approx(1.0)}
     b = 255 - a
-    assert reproduce.agreement(a, b)["corr"] == pytest.approx(-1.0)
-    assert reproduce.agreement(a, b)["mean_abs"] == pytest.approx(np.abs(a.astype(float) - b).mean())
+    assert scoring.agreement(a, b)["corr"] == pytest.approx(-1.0)
+    assert scoring.agreement(a, b)["mean_abs"] == pytest.approx(np.abs(a.astype(float) - b).mean())
     import torch
     from models import create_model
-    cfg = load_config(os.path.join(reproduce.ROOT, reproduce.DIT_CONFIG))
+    cfg = load_config(os.path.join(plan.ROOT, plan.DIT_CONFIG))
     model = create_model(cfg.model).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -253,7 +255,7 @@ def test_agreement_and_the_zero_output_reference():
         x = torch.randn(2, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
         t, y = torch.tensor([10, 900]), torch.tensor([1, 2])
         assert model(x, t, y).abs().max() > 0
-        zero = reproduce.zero_output(model)
+        zero = scoring.zero_output(model)
         assert torch.equal(zero(x, t, y), torch.zeros_like(model(x, t, y)))
         assert model(x, t, y).abs().max() > 0  # the original is untouched
 
@@ -309,20 +311,20 @@ def test_train_all_runs_jobs_at_once_and_waits_for_the_checkpoints_a_run_starts_
         code = 1 if key == "bad" else 0
         proc = subprocess.Popen([sys.executable, "-c",
                                  f"import time, sys; time.sleep({sleep.get(key, 0.5)}); sys.exit({code})"])
-        return reproduce.TrainJob(key, str(tmp_path / key), 10, f"train {key}", proc=proc)
+        return runs.TrainJob(key, str(tmp_path / key), 10, f"train {key}", proc=proc)
 
     def fake_finish(job):
         finished.append(job.key)
         if job.proc.returncode != 0:
-            raise reproduce.ReproduceError(f"{job.key} failed")
+            raise plan.ReproduceError(f"{job.key} failed")
         return {"ckpt": f"/ckpt/{job.key}.pt", "seconds": 1.0, "command": job.command}
 
-    monkeypatch.setattr(reproduce, "start_training", fake_start)
-    monkeypatch.setattr(reproduce, "finish_training", fake_finish)
+    monkeypatch.setattr(runs, "start_training", fake_start)
+    monkeypatch.setattr(runs, "finish_training", fake_finish)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     specs = {"a": ("A", "c", ["x=1"]), "b": ("B", "c", ["x=2"]), "child": ("C", "c", ["init={a}"]),
              "d": ("D", "c", [])}
-    out = reproduce.train_all(specs, str(tmp_path), jobs=2)
+    out = runs.train_all(specs, str(tmp_path), jobs=2)
     assert list(out) == list(specs) and out["child"]["ckpt"] == "/ckpt/child.pt"
     assert started["child"]["overrides"] == ["init=/ckpt/a.pt"]  # the placeholder became a's final checkpoint
     assert all(s["threads"] == 3 for s in started.values())  # OMP_NUM_THREADS set by the caller wins
@@ -333,17 +335,17 @@ def test_train_all_runs_jobs_at_once_and_waits_for_the_checkpoints_a_run_starts_
 
     # One at a time: specs' order, the machine's threads and this console.
     started.clear()
-    reproduce.train_all(specs, str(tmp_path), jobs=1)
+    runs.train_all(specs, str(tmp_path), jobs=1)
     assert sorted(started, key=lambda k: started[k]["at"]) == ["a", "b", "child", "d"]
     assert all(s["threads"] is None for s in started.values())
 
     # A failed run stops the one beside it (terminated, not waited for).
     jobs = {}
-    monkeypatch.setattr(reproduce, "start_training", lambda key, *a, **k: jobs.setdefault(key, fake_start(key, *a, **k)))
+    monkeypatch.setattr(runs, "start_training", lambda key, *a, **k: jobs.setdefault(key, fake_start(key, *a, **k)))
     t0 = time.monotonic()
-    with pytest.raises(reproduce.ReproduceError, match="bad failed"):
-        reproduce.train_all({"bad": ("X", "c", []), "slow": ("S", "c", [])}, str(tmp_path), jobs=2)
+    with pytest.raises(plan.ReproduceError, match="bad failed"):
+        runs.train_all({"bad": ("X", "c", []), "slow": ("S", "c", [])}, str(tmp_path), jobs=2)
     assert jobs["slow"].proc.returncode < 0 and time.monotonic() - t0 < 10
     # A run starting from one this invocation does not train is refused before anything starts.
-    with pytest.raises(reproduce.ReproduceError, match="starts from \\['teacher'\\]"):
-        reproduce.train_all({"up": ("U", "c", ["upcycle.checkpoint={teacher}"])}, str(tmp_path), jobs=2)
+    with pytest.raises(plan.ReproduceError, match="starts from \\['teacher'\\]"):
+        runs.train_all({"up": ("U", "c", ["upcycle.checkpoint={teacher}"])}, str(tmp_path), jobs=2)

@@ -1,0 +1,2 @@
+"""The pieces of tools/reproduce.py: plan (what is trained), runs (training them), scoring (samples and metrics),
+figures and report."""
