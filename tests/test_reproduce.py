@@ -333,6 +333,12 @@ def test_train_all_runs_jobs_at_once_and_waits_for_the_checkpoints_a_run_starts_
     assert min(started["child"]["at"], started["d"]["at"]) > started["a"]["at"] + 0.4
     assert finished.index("a") < finished.index("child")
 
+    # A run others start from goes first among those ready (here: before b).
+    started.clear()
+    awaited_first = {"b": ("B", "c", []), "a": ("A", "c", []), "child": ("C", "c", ["init={a}"])}
+    runs.train_all(awaited_first, str(tmp_path), jobs=1)
+    assert sorted(started, key=lambda k: started[k]["at"]) == ["a", "b", "child"]
+
     # One at a time: specs' order, the machine's threads and this console.
     started.clear()
     runs.train_all(specs, str(tmp_path), jobs=1)

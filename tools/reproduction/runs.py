@@ -198,8 +198,9 @@ def needs(overrides: list) -> set:
 
 
 def train_all(specs: dict, work: str, jobs: int = 1) -> dict:
-    """Train every run of `specs` (key -> (label, config, overrides)), up to `jobs` at once, in specs' order as far
-    as the order allows: a run that starts from another's final checkpoint ({key} in its overrides) waits for it.
+    """Train every run of `specs` (key -> (label, config, overrides)), up to `jobs` at once. A run that starts from
+    another's final checkpoint ({key} in its overrides) waits for it; of the runs ready to start, those that others
+    wait for go first (so that a free slot does not idle behind them at the end), then specs' order.
 
     With jobs > 1 each child gets its share of the cores (OMP_NUM_THREADS = cores // jobs, unless set): small models
     use two threads poorly, and children each spinning on every core would wait on each other
@@ -218,7 +219,8 @@ def train_all(specs: dict, work: str, jobs: int = 1) -> dict:
     trained, running, pending = {}, {}, list(specs)
     try:
         while pending or running:
-            ready = [k for k in pending if needs(specs[k][2]) <= set(trained)]
+            awaited = {k for p in pending for k in needs(specs[p][2])}
+            ready = sorted((k for k in pending if needs(specs[k][2]) <= set(trained)), key=lambda k: k not in awaited)
             if not ready and not running:
                 raise ReproduceError(f"training runs {pending} start from each other's checkpoints")
             for key in ready:
