@@ -355,3 +355,34 @@ def test_train_all_runs_jobs_at_once_and_waits_for_the_checkpoints_a_run_starts_
     # A run starting from one this invocation does not train is refused before anything starts.
     with pytest.raises(plan.ReproduceError, match="starts from \\['teacher'\\]"):
         runs.train_all({"up": ("U", "c", ["upcycle.checkpoint={teacher}"])}, str(tmp_path), jobs=2)
+
+
+def test_a_killed_reproduce_stops_its_training_children(tmp_path):
+    """SIGTERM to the parent (a `kill`) stops the runs it started: none trains on, orphaned, beside a rerun that
+    resumes the same runs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    pids = tmp_path / "pids"
+    script = f"""
+import subprocess, sys
+from tools.reproduction import runs
+def start(key, config, overrides, work, threads=None):
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    with open({str(pids)!r}, "a") as f:
+        f.write(f"{{proc.pid}}\\n")
+    return runs.TrainJob(key, work, 10, key, proc=proc)
+runs.start_training = start
+runs.train_all({{"a": ("A", "c", []), "b": ("B", "c", [])}}, {str(tmp_path)!r}, jobs=2)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=plan.ROOT)
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and len(pids.read_text().split()) == 2):
+        assert time.monotonic() < deadline and parent.poll() is None, "the two children never started"
+        time.sleep(0.1)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    for pid in map(int, pids.read_text().split()):
+        with pytest.raises(ProcessLookupError):  # terminated and reaped by the parent
+            os.kill(pid, 0)

@@ -1,12 +1,15 @@
 """The training runs of a reproduction: the latent data (autoencoder and features, resumable), train.py children
 run one or several at a time, resumed from their newest checkpoints, and where each run stands (--status)."""
+import contextlib
 import dataclasses
 import glob
 import json
 import os
+import signal
 import string
 import subprocess
 import sys
+import threading
 import time
 
 from .plan import LATENT_IMAGE_SIZE, ROOT, Plan, ReproduceError
@@ -197,6 +200,24 @@ def needs(overrides: list) -> set:
     return {name for o in overrides for _, name, _, _ in string.Formatter().parse(o) if name}
 
 
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """While inside: a `kill` of this process (SIGTERM) unwinds the stack as Ctrl-C does, so that train_all stops its
+    children rather than leaving them training on, orphaned, beside a rerun that resumes the same runs."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def unwind(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train_all(specs: dict, work: str, jobs: int = 1) -> dict:
     """Train every run of `specs` (key -> (label, config, overrides)), up to `jobs` at once. A run that starts from
     another's final checkpoint ({key} in its overrides) waits for it; of the runs ready to start, those that others
@@ -217,34 +238,41 @@ def train_all(specs: dict, work: str, jobs: int = 1) -> dict:
     if jobs > 1:
         threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)) // jobs))
     trained, running, pending = {}, {}, list(specs)
-    try:
-        while pending or running:
-            awaited = {k for p in pending for k in needs(specs[p][2])}
-            ready = sorted((k for k in pending if needs(specs[k][2]) <= set(trained)), key=lambda k: k not in awaited)
-            if not ready and not running:
-                raise ReproduceError(f"training runs {pending} start from each other's checkpoints")
-            for key in ready:
-                if len(running) >= jobs:
-                    break
-                pending.remove(key)
-                _, config, overrides = specs[key]
-                job = start_training(key, config, [o.format(**{k: v["ckpt"] for k, v in trained.items()})
-                                                   for o in overrides], work, threads)
-                if job.proc is None:
-                    trained[key] = finish_training(job)
-                else:
-                    running[key] = job
-            if not running:  # everything left waits on runs trained above: start them
-                continue
-            exited = [k for k, j in running.items() if j.proc.poll() is not None]
-            if not exited:
-                time.sleep(1.0)
-            for key in exited:
-                trained[key] = finish_training(running.pop(key))
-                if jobs > 1:
-                    print(f"[{key}] trained: {trained[key]['ckpt']}", flush=True)
-    finally:
-        for job in running.values():  # a failure or an interrupt: stop the rest at their last checkpoint
-            job.proc.terminate()
-            job.proc.wait()
+    with sigterm_unwinds():
+        try:
+            _schedule(specs, work, jobs, threads, trained, running, pending)
+        finally:
+            for job in running.values():  # a failure, Ctrl-C or kill: stop the rest at their last checkpoint
+                job.proc.terminate()
+                job.proc.wait()
     return {k: trained[k] for k in specs}
+
+
+def _schedule(specs: dict, work: str, jobs: int, threads, trained: dict, running: dict, pending: list) -> None:
+    """train_all's loop: start what is ready while slots are free, collect what exited (running holds the children
+    for train_all to stop)."""
+    while pending or running:
+        awaited = {k for p in pending for k in needs(specs[p][2])}
+        ready = sorted((k for k in pending if needs(specs[k][2]) <= set(trained)), key=lambda k: k not in awaited)
+        if not ready and not running:
+            raise ReproduceError(f"training runs {pending} start from each other's checkpoints")
+        for key in ready:
+            if len(running) >= jobs:
+                break
+            pending.remove(key)
+            _, config, overrides = specs[key]
+            job = start_training(key, config, [o.format(**{k: v["ckpt"] for k, v in trained.items()})
+                                               for o in overrides], work, threads)
+            if job.proc is None:
+                trained[key] = finish_training(job)
+            else:
+                running[key] = job
+        if not running:  # everything left waits on runs trained above: start them
+            continue
+        exited = [k for k, j in running.items() if j.proc.poll() is not None]
+        if not exited:
+            time.sleep(1.0)
+        for key in exited:
+            trained[key] = finish_training(running.pop(key))
+            if jobs > 1:
+                print(f"[{key}] trained: {trained[key]['ckpt']}", flush=True)
