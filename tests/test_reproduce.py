@@ -72,6 +72,16 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     reproduce.main_impl(["--out", str(tmp_path), "--rerender"])
     assert (tmp_path / "REPORT.md").read_text() == report
     assert saved["depths"]["kept"] == 64
+    # A rerun trains, samples and featurizes nothing (every sample set and the real digits' features are cached in
+    # work/scores) and reports the same numbers.
+    def not_again(*args, **kwargs):
+        raise AssertionError("recomputed on a rerun")
+
+    for name in ("sample_set", "features"):
+        monkeypatch.setattr(reproduce, name, not_again)
+    rerun = reproduce.main_impl(["--out", str(tmp_path), "--quick", "--features", "pixels", "--two-stage",
+                                 "--tables", "1", "2"])
+    assert {k: m["fid"] for k, m in rerun["models"].items()} == {k: m["fid"] for k, m in saved["models"].items()}
 
     # A rerun reuses a finished training run instead of training it again.
     again = runs.train("dcdit", plan.DCDIT_CONFIG, [f"train.max_steps={plan.QUICK.steps}"],

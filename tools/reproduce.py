@@ -155,13 +155,22 @@ def main_impl(argv=None) -> dict:
         raise ReproduceError(str(e)) from None
     perm = torch.randperm(5000, generator=torch.Generator().manual_seed(SEED))
     size = dcdit_cfg.model.input_size
-    ref_stats = gaussian_statistics(features(net, real_digits(args.space, perm[:plan.n_ref], size), "reference"))
-    floor_images = real_digits(args.space, perm[plan.n_ref:plan.n_ref + plan.n_samples], size)
-    floor_fid, floor_sd = fid_with_spread(ref_stats, features(net, floor_images, "floor"), plan.bootstraps)
+
+    def real_features(name: str, indices) -> np.ndarray:
+        """FID features of real digits (the reference set, the real-vs-real floor), cached as the sample sets are."""
+        ident = {"real": name, "space": args.space, "size": size, "indices": indices.tolist(),
+                 "features": feature_label, "weights": getattr(net, "weights_sha256", None)}
+        make = lambda: {"acts": features(net, real_digits(args.space, indices, size), name)}  # noqa: E731
+        return cached_set(os.path.join(work, "scores", f"real_{name}.npz"), ident, make)["acts"]
+
+    ref_stats = gaussian_statistics(real_features("reference", perm[:plan.n_ref]))
+    floor_indices = perm[plan.n_ref:plan.n_ref + plan.n_samples]
+    floor_images = real_digits(args.space, floor_indices, size)
+    floor_fid, floor_sd = fid_with_spread(ref_stats, real_features("floor", floor_indices), plan.bootstraps)
     classifier, classifier_accuracy = load_classifier(os.path.join(work, "digit_classifier.pt"),
                                                       plan.classifier_epochs)
     floor_recognised = recognised(classifier, floor_images,
-                                  DigitsDataset().labels[perm[plan.n_ref:plan.n_ref + plan.n_samples]].numpy())
+                                  DigitsDataset().labels[floor_indices].numpy())
     phases["reference features"] = time.perf_counter() - start
 
     models, sets, compression, enrichment, tail, by_key, zero_row = {}, {}, {}, {}, [], {}, None

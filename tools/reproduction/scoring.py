@@ -64,19 +64,17 @@ def sample_set(model, cfg, plan: Plan, tail_drop: float, desc: str, vae=None, un
 
 
 def cached_set(path: str, ident: dict, make) -> dict:
-    """A sample set with its FID features, from `path` when it was made for the same `ident` (checkpoint, its digest,
-    plan, fractions, features), else made by `make()` and saved there first (atomically): a killed report loses at
-    most the set it was sampling."""
+    """A sample set with its FID features (or real digits' features), from `path` when it was made for the same
+    `ident` (checkpoint, its digest, plan, fractions, features), else made by `make()` and saved there first
+    (atomically): a killed report loses at most the set it was sampling. make() returns arrays, numbers and Nones;
+    they come back as such."""
     key = json.dumps(ident, sort_keys=True)
     if os.path.isfile(path):
         with np.load(path, allow_pickle=False) as z:
             if str(z["ident"]) == key:
-                out = {k: z[k] for k in z.files if k != "ident"}
-                for name in ("kept", "kept0", "gated_tflops"):  # stored empty when absent
-                    out[name] = out[name] if out[name].size else None
-                out["gated_tflops"] = None if out["gated_tflops"] is None else float(out["gated_tflops"])
-                out["seconds"] = float(out["seconds"])
-                return out
+                # None is stored as an empty array, a number as a 0-d one.
+                return {k: None if z[k].size == 0 else z[k].item() if z[k].ndim == 0 else z[k]
+                        for k in z.files if k != "ident"}
     out = make()
     arrays = {k: np.asarray([] if v is None else v) for k, v in out.items()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
