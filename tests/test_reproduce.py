@@ -58,8 +58,8 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     assert 1.0 <= c0 <= c1 and saved["models"]["twostage"]["compression"] == c1
     assert "stage1" in saved["enrichment"]["twostage"] and saved["two_stage"]["flops"] > 0
     assert f"{c0:.2f} | {c1:.2f}" in report
-    assert f"| two-stage, stage 0 | {reporting._by_band(saved['compression']['twostage_stage0'], 'mean')} | {c0:.2f} |" \
-        in report  # compression per stage by timestep band
+    bands = reporting._by_band(saved["compression"]["twostage_stage0"], "mean")
+    assert f"| two-stage, stage 0 | {bands} | {c0:.2f} |" in report  # compression per stage by timestep band
     assert len(res["claims"]) == 6 and report.count("| **yes** |") + report.count("| **no** |") == 6
     # The same-seed diagnostics: every pair measured, the zero-output reference scored, the baseline bar judged.
     assert set(saved["agreement"]) == {f"{a} vs {b}" for a, b in plan.AGREEMENT_PAIRS}

