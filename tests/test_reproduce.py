@@ -78,7 +78,7 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
         raise AssertionError("recomputed on a rerun")
 
     for name in ("sample_set", "features"):
-        monkeypatch.setattr(reproduce, name, not_again)
+        monkeypatch.setattr(scoring, name, not_again)
     rerun = reproduce.main_impl(["--out", str(tmp_path), "--quick", "--features", "pixels", "--two-stage",
                                  "--tables", "1", "2"])
     assert {k: m["fid"] for k, m in rerun["models"].items()} == {k: m["fid"] for k, m in saved["models"].items()}

@@ -43,7 +43,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -53,10 +52,6 @@ import numpy as np
 import torch
 
 from config import load_config, main_guard
-from data import DigitsDataset
-from evaluations.digits import load_classifier, recognised
-from evaluations.inception import WeightsUnavailable, feature_net, file_sha256
-from evaluations.metrics import gaussian_statistics
 from fileio import atomic_write
 from models.flops import count_params
 from sampling import load_model_for_sampling, load_vae_if_latent
@@ -68,8 +63,7 @@ from tools.reproduction.plan import (AGREEMENT_PAIRS, DCDIT_CONFIG, DIT_CONFIG, 
                                      two_stage_spec)
 from tools.reproduction.report import judge, rerender, write_report
 from tools.reproduction.runs import prepare_latent, print_status, train_all
-from tools.reproduction.scoring import (agreement, boundary_maps, cached_set, compression_by_step, features,
-                                        fid_with_spread, real_digits, sample_set, tflops_per_image, zero_output)
+from tools.reproduction.scoring import Scorer, agreement, boundary_maps, compression_by_step, zero_output
 
 
 def _git_head() -> str:
@@ -149,61 +143,12 @@ def main_impl(argv=None) -> dict:
     phases.update({f"training {key} (from its log)": t["seconds"] for key, t in trained.items()})
 
     start = time.perf_counter()
-    try:
-        net, feature_label = feature_net(args.features)
-    except WeightsUnavailable as e:
-        raise ReproduceError(str(e)) from None
-    perm = torch.randperm(5000, generator=torch.Generator().manual_seed(SEED))
-    size = dcdit_cfg.model.input_size
-
-    def real_features(name: str, indices) -> np.ndarray:
-        """FID features of real digits (the reference set, the real-vs-real floor), cached as the sample sets are."""
-        ident = {"real": name, "space": args.space, "size": size, "indices": indices.tolist(),
-                 "features": feature_label, "weights": getattr(net, "weights_sha256", None)}
-        make = lambda: {"acts": features(net, real_digits(args.space, indices, size), name)}  # noqa: E731
-        return cached_set(os.path.join(work, "scores", f"real_{name}.npz"), ident, make)["acts"]
-
-    ref_stats = gaussian_statistics(real_features("reference", perm[:plan.n_ref]))
-    floor_indices = perm[plan.n_ref:plan.n_ref + plan.n_samples]
-    floor_images = real_digits(args.space, floor_indices, size)
-    floor_fid, floor_sd = fid_with_spread(ref_stats, real_features("floor", floor_indices), plan.bootstraps)
-    classifier, classifier_accuracy = load_classifier(os.path.join(work, "digit_classifier.pt"),
-                                                      plan.classifier_epochs)
-    floor_recognised = recognised(classifier, floor_images,
-                                  DigitsDataset().labels[floor_indices].numpy())
+    scorer = Scorer(args.space, dcdit_cfg.model.input_size, plan, work, args.features, phases)
     phases["reference features"] = time.perf_counter() - start
 
     models, sets, compression, enrichment, tail, by_key, zero_row = {}, {}, {}, {}, [], {}, None
     lite, upcycling = [], []
     viz_path = os.path.join(out, "boundary_maps.png")
-
-    def score(model, cfg, name: str, source: str, f: float = 0.0, uncond_f=None, vae=None) -> tuple:
-        """Sample one set from `model` (the weights of checkpoint `source`) and score it -> (row, the sample set);
-        its wall times go to `phases`. The set and its FID features are cached in work/scores/ (cached_set)."""
-        def make() -> dict:
-            s = sample_set(model, cfg, plan, f, desc=f"sample {name}", vae=vae, uncond_tail_drop=uncond_f)
-            start = time.perf_counter()
-            acts = features(net, s["images"], f"features {name}")
-            return dict(s, acts=acts, feature_seconds=time.perf_counter() - start)
-
-        ckpt = source.split("#")[0]
-        # The checkpoint's content, not only its path: a run retrained to the same step writes a file of the same
-        # name and size.
-        ident = {"source": source, "sha256": file_sha256(ckpt), "plan": dataclasses.asdict(plan), "f": f,
-                 "uncond_f": uncond_f, "features": feature_label}
-        s = cached_set(os.path.join(work, "scores", re.sub(r"[^\w.=-]+", "_", name) + ".npz"), ident, make)
-        phases[f"sampling {name}"] = s["seconds"]
-        start = time.perf_counter()
-        fid, fid_sd = fid_with_spread(ref_stats, s["acts"], plan.bootstraps)
-        phases[f"FID {name}"] = float(s["feature_seconds"]) + time.perf_counter() - start
-        ratio = compression_by_step(s["kept"], s["t"], cfg.model.input_size ** 2) if s["kept"] is not None else None
-        labels = np.arange(plan.n_samples) % cfg.model.num_classes
-        row = {"f": f, "tflops": tflops_per_image(model, s["kept"], plan.sampling_steps, s["kept0"]), "fid": fid,
-               "fid_sd": fid_sd, "compression": ratio["overall"] if ratio else float(model.patch_size ** 2),
-               "recognised": recognised(classifier, s["images"], labels)}
-        if s["gated_tflops"] is not None:  # DyDiT: the FLOPs its gates left, against the DC-DiT's at those tokens
-            row["flops_ratio"], row["tflops"] = s["gated_tflops"] / row["tflops"], s["gated_tflops"]
-        return dict(row, ratio=ratio), s
 
     def budget_checkpoint(key: str, steps: int) -> str:
         path = os.path.join(os.path.dirname(trained[key]["ckpt"]), f"{steps:07d}.pt")
@@ -217,7 +162,7 @@ def main_impl(argv=None) -> dict:
         model, cfg = load_model_for_sampling(SimpleNamespace(config=None, overrides=[]), trained[key]["ckpt"])
         vae = load_vae_if_latent(cfg, "cpu")
         for f in (FRACTIONS if key == "dcdit" else (0.0,)):
-            row, s = score(model, cfg, f"{key} f={f:g}", trained[key]["ckpt"], f, vae=vae)
+            row, s = scorer.score(model, cfg, f"{key} f={f:g}", trained[key]["ckpt"], f, vae=vae)
             ratio = row.pop("ratio")
             if f == 0.0:
                 sets[label] = by_key[key] = s["images"]
@@ -232,7 +177,8 @@ def main_impl(argv=None) -> dict:
                 tail.append(row)
         if key == "dcdit":  # Lite-CFG: the conditional branch at f = 0, the unconditional one cheaper
             for u in LITE_CFG_FRACTIONS:
-                row, _ = score(model, cfg, f"dcdit lite-cfg uncond f={u:g}", trained[key]["ckpt"], 0.0, u, vae=vae)
+                row, _ = scorer.score(model, cfg, f"dcdit lite-cfg uncond f={u:g}", trained[key]["ckpt"], 0.0, u,
+                                      vae=vae)
                 row.pop("ratio")
                 lite.append(dict(row, uncond_f=u))
         if key in ("upcycle", "distill") or (key == "dcdit" and "3" in args.tables):
@@ -242,12 +188,13 @@ def main_impl(argv=None) -> dict:
                 else:
                     path = budget_checkpoint(key, b)
                     m, c = load_model_for_sampling(SimpleNamespace(config=None, overrides=[]), path)
-                    row, _ = score(m, c, f"{key} at step {b}", path, vae=vae)
+                    row, _ = scorer.score(m, c, f"{key} at step {b}", path, vae=vae)
                 upcycling.append({"run": "scratch" if key == "dcdit" else key, "steps": b, "fid": row["fid"],
                                   "fid_sd": row["fid_sd"], "recognised": row["recognised"],
                                   "tflops": row["tflops"], "compression": row["compression"]})
         if key == "isoparam":  # the same seeds through a DiT that predicts nothing: the no-learning reference
-            row, s = score(zero_output(model), cfg, "zero-output DiT", trained[key]["ckpt"] + "#zero output", vae=vae)
+            row, s = scorer.score(zero_output(model), cfg, "zero-output DiT", trained[key]["ckpt"] + "#zero output",
+                                  vae=vae)
             by_key["zero"] = s["images"]
             zero_row = {"label": f"{label}, output layer zeroed", "fid": row["fid"], "fid_sd": row["fid_sd"],
                         "recognised": row["recognised"]}
@@ -265,10 +212,10 @@ def main_impl(argv=None) -> dict:
     res = {"command": "python tools/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "quick": args.quick, "plan": dataclasses.asdict(plan), "machine": f"{platform.machine()} "
            f"{os.cpu_count()}-core CPU", "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "git": _git_head(), "date": time.strftime("%Y-%m-%d"), "features": feature_label,
+           "git": _git_head(), "date": time.strftime("%Y-%m-%d"), "features": scorer.feature_label,
            "cfg_scale": dcdit_cfg.sample.cfg_scale, "depths": {k: v for k, v in depths.items() if k != "candidates"},
-           "floor": {"fid": floor_fid, "fid_sd": floor_sd, "recognised": floor_recognised},
-           "classifier_accuracy": classifier_accuracy, "space": args.space, "autoencoder": autoencoder,
+           "floor": scorer.floor, "classifier_accuracy": scorer.classifier_accuracy, "space": args.space,
+           "autoencoder": autoencoder,
            "configs": list(configs), "models": models, "compression": compression,
            "enrichment": enrichment, "tail_drop": tail, "phases": phases, "recipe": recipe,
            "two_stage": two_stage[1] if two_stage else None, "lite_cfg": lite, "upcycling": upcycling,

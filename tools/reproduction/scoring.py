@@ -1,8 +1,10 @@
 """Sampling and scoring a trained run: sample sets from the same per-image noise and labels (cached with their FID
 features), FID with a bootstrap spread, measured TFLOPs per image, compression by timestep and the boundary maps."""
 import copy
+import dataclasses
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -11,14 +13,16 @@ from tqdm import tqdm
 
 from data import DigitsDataset, digits_rgb, to_uint8_images
 from evaluations.activations import compute_activations
+from evaluations.digits import load_classifier, recognised
 from evaluations.images import ArrayImages
+from evaluations.inception import WeightsUnavailable, feature_net, file_sha256
 from evaluations.metrics import frechet_distance, gaussian_statistics
 from fileio import atomic_write
 from models.flops import dcdit_flops_coeffs, forward_flops, tflops_from_counts
 from sampling import Sampler, generate
 from visualize import chunking_viz
 
-from .plan import LATENT_IMAGE_SIZE, SEED, Plan
+from .plan import LATENT_IMAGE_SIZE, SEED, Plan, ReproduceError
 
 
 def real_digits(space: str, indices, size: int) -> np.ndarray:
@@ -160,3 +164,60 @@ def boundary_maps(model, cfg, plan: Plan, path: str, vae=None, rows=("x0", "p"))
     if "mask1" in sampler.records[0]:  # a two-stage model: where its inner stage puts its boundaries
         out["stage1"] = enrichment_of("mask1")
     return out
+
+
+class Scorer:
+    """Scores sample sets against real digits in one space: FID against the features of plan.n_ref real digits
+    (with the real-vs-real floor at the sample size) and the share a digit classifier recognises as their class.
+    Every set and its features are cached in work/scores (cached_set); wall times go to `phases`."""
+
+    def __init__(self, space: str, size: int, plan: Plan, work: str, feature_kind: str, phases: dict):
+        self.space, self.size, self.plan, self.work, self.phases = space, size, plan, work, phases
+        try:
+            self.net, self.feature_label = feature_net(feature_kind)
+        except WeightsUnavailable as e:
+            raise ReproduceError(str(e)) from None
+        perm = torch.randperm(5000, generator=torch.Generator().manual_seed(SEED))
+        self.ref_stats = gaussian_statistics(self.real_features("reference", perm[:plan.n_ref]))
+        floor = perm[plan.n_ref:plan.n_ref + plan.n_samples]
+        fid, fid_sd = fid_with_spread(self.ref_stats, self.real_features("floor", floor), plan.bootstraps)
+        self.classifier, self.classifier_accuracy = load_classifier(os.path.join(work, "digit_classifier.pt"),
+                                                                    plan.classifier_epochs)
+        self.floor = {"fid": fid, "fid_sd": fid_sd, "recognised": recognised(
+            self.classifier, real_digits(space, floor, size), DigitsDataset().labels[floor].numpy())}
+
+    def real_features(self, name: str, indices) -> np.ndarray:
+        """FID features of real digits (the reference set, the real-vs-real floor), cached as the sample sets are."""
+        ident = {"real": name, "space": self.space, "size": self.size, "indices": indices.tolist(),
+                 "features": self.feature_label, "weights": getattr(self.net, "weights_sha256", None)}
+        make = lambda: {"acts": features(self.net, real_digits(self.space, indices, self.size), name)}  # noqa: E731
+        return cached_set(os.path.join(self.work, "scores", f"real_{name}.npz"), ident, make)["acts"]
+
+    def score(self, model, cfg, name: str, source: str, f: float = 0.0, uncond_f=None, vae=None) -> tuple:
+        """Sample one set from `model` (the weights of checkpoint `source`, "#..." marking a variant of them) at
+        tail-drop f (uncond_f: Lite-CFG's unconditional rows) and score it -> (row, the sample set)."""
+        plan = self.plan
+
+        def make() -> dict:
+            s = sample_set(model, cfg, plan, f, desc=f"sample {name}", vae=vae, uncond_tail_drop=uncond_f)
+            start = time.perf_counter()
+            acts = features(self.net, s["images"], f"features {name}")
+            return dict(s, acts=acts, feature_seconds=time.perf_counter() - start)
+
+        # The checkpoint's content, not only its path: a run retrained to the same step writes a file of the same
+        # name and size.
+        ident = {"source": source, "sha256": file_sha256(source.split("#")[0]), "plan": dataclasses.asdict(plan),
+                 "f": f, "uncond_f": uncond_f, "features": self.feature_label}
+        s = cached_set(os.path.join(self.work, "scores", re.sub(r"[^\w.=-]+", "_", name) + ".npz"), ident, make)
+        self.phases[f"sampling {name}"] = s["seconds"]
+        start = time.perf_counter()
+        fid, fid_sd = fid_with_spread(self.ref_stats, s["acts"], plan.bootstraps)
+        self.phases[f"FID {name}"] = float(s["feature_seconds"]) + time.perf_counter() - start
+        ratio = compression_by_step(s["kept"], s["t"], cfg.model.input_size ** 2) if s["kept"] is not None else None
+        labels = np.arange(plan.n_samples) % cfg.model.num_classes
+        row = {"f": f, "tflops": tflops_per_image(model, s["kept"], plan.sampling_steps, s["kept0"]), "fid": fid,
+               "fid_sd": fid_sd, "compression": ratio["overall"] if ratio else float(model.patch_size ** 2),
+               "recognised": recognised(self.classifier, s["images"], labels)}
+        if s["gated_tflops"] is not None:  # DyDiT: the FLOPs its gates left, against the DC-DiT's at those tokens
+            row["flops_ratio"], row["tflops"] = s["gated_tflops"] / row["tflops"], s["gated_tflops"]
+        return dict(row, ratio=ratio), s
