@@ -84,8 +84,8 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     assert {k: m["fid"] for k, m in rerun["models"].items()} == {k: m["fid"] for k, m in saved["models"].items()}
 
     # A rerun reuses a finished training run instead of training it again.
-    again = runs.train("dcdit", plan.DCDIT_CONFIG, [f"train.max_steps={plan.QUICK.steps}"],
-                            str(tmp_path / "work"))
+    spec = {"dcdit": ("DC-DiT", plan.DCDIT_CONFIG, [f"train.max_steps={plan.QUICK.steps}"])}
+    again = runs.train_all(spec, str(tmp_path / "work"))["dcdit"]
     assert again["ckpt"].endswith(f"{plan.QUICK.steps:07d}.pt") and "train.py --config" in again["command"]
     assert again["seconds"] == saved["models"]["dcdit"]["train_seconds"] > 0  # from the run's log, both times
 

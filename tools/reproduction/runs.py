@@ -187,14 +187,6 @@ def finish_training(job: TrainJob) -> dict:
             "command": job.command}
 
 
-def train(key: str, config: str, overrides: list, work: str) -> dict:
-    """Train one run to its final checkpoint (skip or resume it), output to this console: see finish_training."""
-    job = start_training(key, config, overrides, work)
-    if job.proc is not None:
-        job.proc.wait()
-    return finish_training(job)
-
-
 def needs(overrides: list) -> set:
     """The runs whose final checkpoints a run's overrides name ({key})."""
     return {name for o in overrides for _, name, _, _ in string.Formatter().parse(o) if name}
