@@ -28,7 +28,9 @@ def _source_files():
 
 def test_pyproject_lists_every_module_and_package():
     found_modules = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))}
-    found_packages = {os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(ROOT, "*", "__init__.py"))}
+    # Subpackages too: setuptools installs only the packages listed (a non-editable install would lack the rest).
+    found_packages = {os.path.relpath(os.path.dirname(p), ROOT).replace(os.sep, ".") for rel, p in _source_files()
+                      if os.path.basename(p) == "__init__.py"}
     st = _setuptools()
     assert sorted(st["py-modules"]) == sorted(found_modules)
     assert sorted(st["packages"]) == sorted(found_packages)
