@@ -396,3 +396,11 @@ runs.train_all({{"a": ("A", "c", []), "b": ("B", "c", [])}}, {str(tmp_path)!r}, 
     for pid in map(int, pids.read_text().split()):
         with pytest.raises(ProcessLookupError):  # terminated and reaped by the parent
             os.kill(pid, 0)
+
+
+def test_the_two_stage_verdict_follows_the_margin_and_its_spread():
+    row = lambda fid, sd=0.5: {"fid": fid, "fid_sd": sd, "tflops": 1e-3, "recognised": 0.9}  # noqa: E731
+    assert reporting._hierarchy_verdict(row(10.0), row(10.5)).startswith("**Not measurably**")  # 0.5 < 2 x 0.71
+    assert reporting._hierarchy_verdict(row(10.0), row(12.0)).startswith("**Yes**")
+    assert reporting._hierarchy_verdict(row(12.0), row(10.0)).startswith("**No**")
+    assert reporting._hierarchy_verdict(row(12.0, 0.1), row(10.0, 2.0)).startswith("**Not measurably**")

@@ -113,6 +113,20 @@ def judge(res: dict) -> list:
     return claims + upcycling_claims(res) + dydit_claim(res)
 
 
+def _hierarchy_verdict(two: dict, single: dict) -> str:
+    """Two-stage against single-stage at matched FLOPs: better or worse only where the FID margin exceeds 2
+    bootstrap sd of the two sets."""
+    lower, evidence = _beats(two, single)
+    if "within" in evidence:
+        verdict = "**Not measurably**: the two models' FIDs are within 2 bootstrap sd of each other"
+    elif lower:
+        verdict = "**Yes**: the two-stage model's FID is lower, beyond 2 bootstrap sd"
+    else:
+        verdict = "**No**: the two-stage model's FID is higher, beyond 2 bootstrap sd"
+    return (f"{verdict} (two-stage vs single-stage: {evidence}; GFLOPs/img {1e3 * two['tflops']:.2f} vs "
+            f"{1e3 * single['tflops']:.2f}; recognised {_recognised(two)} vs {_recognised(single)}).")
+
+
 def two_stage_section(res: dict) -> list:
     """The two-stage DC-DiT against the single-stage one at matched FLOPs (empty without --two-stage)."""
     if "twostage" not in res["models"]:
@@ -131,6 +145,7 @@ def two_stage_section(res: dict) -> list:
              f"{single['compression']:.2f} | {single['fid']:.2f} ± {single['fid_sd']:.2f} | {_recognised(single)} |",
              f"| {m['label']} | {m['params'] / 1e6:.3f}M | {1e3 * m['tflops']:.2f} | {c0['overall']:.2f} | "
              f"{c1['overall']:.2f} | {m['fid']:.2f} ± {m['fid_sd']:.2f} | {_recognised(m)} |", "",
+             f"Does hierarchy help here? {_hierarchy_verdict(m, single)}", "",
              "Compression by timestep (L / M, mean over the sampling steps in each band; the figure above has the "
              "curves):", "", "| | t >= 750 | 250 <= t < 750 | t < 250 | all steps |", "|---|---:|---:|---:|---:|",
              f"| single-stage | {_by_band(res['compression']['dcdit'], 'mean')} | {single['compression']:.2f} |",
