@@ -60,7 +60,7 @@ from tools.reproduction.plan import (AGREEMENT_PAIRS, DCDIT_CONFIG, DIT_CONFIG, 
                                      FRACTIONS, FULL, FULL_LATENT, LATENT_CONFIGS, LITE_CFG_FRACTIONS, PAPER_CONFIG,
                                      QUICK, RECOGNITION_BAR, ROOT, SEED, TABLES, ReproduceError, budget_steps,
                                      distill_steps, dydit_steps, matched_depths, run_specs, scaffold_share,
-                                     two_stage_spec)
+                                     teacher_steps, two_stage_spec)
 from tools.reproduction.report import judge, rerender, write_report
 from tools.reproduction.runs import prepare_latent, print_status, train_all
 from tools.reproduction.scoring import Scorer, agreement, boundary_maps, compression_by_step, zero_output
@@ -219,7 +219,7 @@ def main_impl(argv=None) -> dict:
            "configs": list(configs), "models": models, "compression": compression,
            "enrichment": enrichment, "tail_drop": tail, "phases": phases, "recipe": recipe,
            "two_stage": two_stage[1] if two_stage else None, "lite_cfg": lite, "upcycling": upcycling,
-           "budgets": list(budgets), "distill_steps": distill_steps(plan),
+           "budgets": list(budgets), "distill_steps": distill_steps(plan), "teacher_steps": teacher_steps(plan),
            "dydit": {"target": DYDIT_TARGET, "steps": dydit_steps(plan),
                      "lr": dcdit_cfg.train.lr * DYDIT_LR_SCALE},
            "zero_output": zero_row, "recognition_bar": RECOGNITION_BAR,
