@@ -336,7 +336,7 @@ def test_train_all_runs_jobs_at_once_and_waits_for_the_checkpoints_a_run_starts_
              "d": ("D", "c", [])}
     out = runs.train_all(specs, str(tmp_path), jobs=2)
     assert list(out) == list(specs) and out["child"]["ckpt"] == "/ckpt/child.pt"
-    assert started["child"]["overrides"] == ["init=/ckpt/a.pt"]  # the placeholder became a's final checkpoint
+    assert started["child"]["overrides"] == ["init=/ckpt/a.pt"]  # "{a}" became a's final checkpoint
     assert all(s["threads"] == 3 for s in started.values())  # OMP_NUM_THREADS set by the caller wins
     # a and b together; child and d only once a slot is free, child only after a finished.
     assert abs(started["a"]["at"] - started["b"]["at"]) < 0.4

@@ -79,15 +79,20 @@ def run_progress(work: str, specs: dict) -> list:
     return rows
 
 
+def log_lines(run_dir: str):
+    """The messages of a run's log.txt, without train.py's "[time] " prefix (JSON records start with "{")."""
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        for line in f:
+            yield line.split("] ", 1)[-1].strip()
+
+
 def last_rate(run_dir: str):
     """The steps/s of a run's last logged interval (how fast it trains now, on this machine's current load); None
     before its first log line."""
     rate = None
-    with open(os.path.join(run_dir, "log.txt")) as f:
-        for line in f:
-            text = line.split("] ", 1)[-1].strip()
-            if text.startswith("{"):
-                rate = json.loads(text).get("steps_per_sec", rate)
+    for text in log_lines(run_dir):
+        if text.startswith("{"):
+            rate = json.loads(text).get("steps_per_sec", rate)
     return rate
 
 
@@ -117,18 +122,16 @@ def training_seconds(run_dir: str, upto: int = None) -> float:
     out, so runs finished in different sessions compare fairly. `upto`: only the steps up to it (a run's newest
     checkpoint, when steps logged past it by an older, longer attempt are still to be redone)."""
     intervals, prev = {}, 0
-    with open(os.path.join(run_dir, "log.txt")) as f:
-        for line in f:
-            text = line.split("] ", 1)[-1].strip()
-            if text.startswith("run folder "):
-                prev = 0
-            elif text.startswith("resumed from step "):
-                prev = int(text.split()[-1])
-            elif text.startswith("{"):
-                rec = json.loads(text)
-                if "step" in rec and rec.get("steps_per_sec"):
-                    intervals[rec["step"]] = (rec["step"] - prev) / rec["steps_per_sec"]
-                    prev = rec["step"]
+    for text in log_lines(run_dir):
+        if text.startswith("run folder "):
+            prev = 0
+        elif text.startswith("resumed from step "):
+            prev = int(text.split()[-1])
+        elif text.startswith("{"):
+            rec = json.loads(text)
+            if "step" in rec and rec.get("steps_per_sec"):
+                intervals[rec["step"]] = (rec["step"] - prev) / rec["steps_per_sec"]
+                prev = rec["step"]
     return float(sum(v for step, v in intervals.items() if upto is None or step <= upto))
 
 
