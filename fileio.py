@@ -36,3 +36,32 @@ def atomic_save(obj, path) -> None:
     # Imported here: config.py writes through this module and should not pay for importing torch.
     import torch
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+class FolderInUse(RuntimeError):
+    """Another process holds the folder's lock (`hold_folder`)."""
+
+
+def hold_folder(folder, what: str = "folder"):
+    """Take `folder/.lock` for this process: an open file with an exclusive advisory lock (POSIX flock), released
+    when the file is closed or the process exits, however it exits (a killed process leaves no stale lock).
+
+    Two processes writing one run folder interleave their checkpoints and logs: a resumed run and the original
+    would each overwrite the other's checkpoints. The second one is refused with the holder's pid.
+    """
+    import fcntl
+    path = os.path.join(os.fspath(folder), ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise FolderInUse(f"{what} {folder} is in use by another process (pid {holder}); stop it or wait for it "
+                          "to finish before starting another here") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f

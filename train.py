@@ -9,7 +9,8 @@
 Any config field can be overridden as `section.field=value`. Runs live in `results/NNN-name/` with
 `config.yaml`, `log.txt` and `checkpoints/{step:07d}.pt`. Resume is exact: the data order and every
 random draw of a step are functions of (seed, step, rank), so a resumed run repeats the losses of an
-uninterrupted one. `train.init_from=CKPT` starts a new run from a checkpoint's weights instead (fresh
+uninterrupted one. One process trains a run folder at a time: a second `--resume` of a folder still being
+trained is refused (rank 0 holds `run/.lock` until it exits). `train.init_from=CKPT` starts a new run from a checkpoint's weights instead (fresh
 optimizer, step 0): fine-tuning, or a checkpoint converted from the authors' release.
 
 Upcycling (paper §4.4, docs/upcycling.md): a fresh run copies a DiT checkpoint's blocks and (frozen)
@@ -43,7 +44,7 @@ from tqdm import tqdm
 from config import Config, add_config_args, config_from_args, config_to_dict, load_config, main_guard, save_config
 from data import build_dataset
 from diffusion import create_diffusion
-from fileio import atomic_save
+from fileio import FolderInUse, atomic_save, hold_folder
 from models import create_model, is_dcdit
 from models.checkpoint_io import model_state, read_checkpoint
 from models.dydit import flops_loss, flops_ratio, load_dcdit_weights, read_dcdit_checkpoint
@@ -247,6 +248,7 @@ class Run:
     teacher: Optional[torch.nn.Module] = None  # upcycling's frozen DiT during activation distillation
     dcdit_coeffs: Optional[tuple] = None       # DyDiT with flops_scope=model: the DC-DiT's a + b M + c M^2
     vae: Any = field(default=None, repr=False)  # decodes latents for the periodic images; loaded when first needed
+    lock: Any = field(default=None, repr=False)  # rank 0's hold on the run folder, released when the process exits
 
     @property
     def dcdit(self) -> bool:
@@ -355,6 +357,12 @@ def prepare_run(args) -> Run:
         if world > 1:
             dist.broadcast_object_list(holder, src=0)
         run_dir = holder[0]
+    lock = None
+    if accelerator.is_main_process:  # before the log: a second trainer must not append to the first one's
+        try:
+            lock = hold_folder(run_dir, "run folder")
+        except FolderInUse as e:
+            raise TrainError(str(e)) from None
     logger = make_logger(run_dir, accelerator.is_main_process)
     logger.info(f"run folder {run_dir}; {world} process(es) on {device}; micro-batch {micro} x accum "
                 f"{tc.grad_accum_steps} x world {world} = global {tc.global_batch_size}")
@@ -395,7 +403,7 @@ def prepare_run(args) -> Run:
     model.train()
     tracker = Tracker(cfg, run_dir, accelerator.is_main_process, resume_id=wandb_id)
     return Run(cfg, accelerator, logger, run_dir, model, raw, ema, opt, diffusion, iter(loader), start_step, tracker,
-               teacher, coeffs)
+               teacher, coeffs, lock=lock)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -633,6 +641,8 @@ def main(argv=None):
     logger.info("done")
     run.tracker.close()
     acc.end_training()
+    if run.lock is not None:
+        run.lock.close()  # the folder is free for the next trainer, also when main() is called in-process
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import torch
 
 from conftest import only_run, run_script, train_full_and_resumed
+from fileio import hold_folder
 
 
 def test_resume_repeats_the_uninterrupted_losses(feature_dir, tmp_path):
@@ -216,3 +217,23 @@ def test_train_tf32_sets_the_matmul_flag_and_defaults_off():
             assert torch.backends.cuda.matmul.allow_tf32 is enabled
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_a_run_folder_another_process_trains_is_refused(feature_dir, tmp_path):
+    """Two trainers on one run folder would overwrite each other's checkpoints: the second stops before it writes."""
+    common = [f"data.feature_path={feature_dir}", "train.ckpt_every=2", "train.log_every=1"]
+    run_script(["train.py", "--config", "configs/tiny/test-dit.yaml", *common, "train.max_steps=2",
+                f"train.results_dir={tmp_path}"])
+    run = only_run(tmp_path)
+    log = open(os.path.join(run, "log.txt")).read()
+    held = hold_folder(run, "run folder")  # as a trainer of this folder would
+    resume = ["train.py", "--config", "configs/tiny/test-dit.yaml", "--resume", run, *common, "train.max_steps=4"]
+    proc = run_script(resume, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [f"error: run folder {run} is in use by another process "
+                                                f"(pid {os.getpid()}); stop it or wait for it to finish before "
+                                                "starting another here"]
+    assert open(os.path.join(run, "log.txt")).read() == log  # nothing appended
+    held.close()
+    run_script(resume)
+    assert os.path.isfile(os.path.join(run, "checkpoints", "0000004.pt"))
