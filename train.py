@@ -10,7 +10,9 @@ Any config field can be overridden as `section.field=value`. Runs live in `resul
 `config.yaml`, `log.txt` and `checkpoints/{step:07d}.pt`. Resume is exact: the data order and every
 random draw of a step are functions of (seed, step, rank), so a resumed run repeats the losses of an
 uninterrupted one. One process trains a run folder at a time: a second `--resume` of a folder still being
-trained is refused (rank 0 holds `run/.lock` until it exits). `train.init_from=CKPT` starts a new run from a checkpoint's weights instead (fresh
+trained is refused (rank 0 holds `run/.lock` until it exits). SIGTERM or SIGUSR1 (`kill`, `timeout`, torchrun,
+SLURM's `--signal=USR1@90` before a time limit) stops the run at the end of the step it is on, with a checkpoint
+of that step, and exits 128 + the signal's number: nothing trained is lost, and `--resume` continues exactly. `train.init_from=CKPT` starts a new run from a checkpoint's weights instead (fresh
 optimizer, step 0): fine-tuning, or a checkpoint converted from the authors' release.
 
 Upcycling (paper §4.4, docs/upcycling.md): a fresh run copies a DiT checkpoint's blocks and (frozen)
@@ -30,9 +32,12 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from copy import deepcopy
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -228,6 +233,43 @@ def use_tf32_matmuls(enabled: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
 
 
+# The signals that ask a run to stop: `kill` and `timeout` send SIGTERM, and so do torchrun and SLURM to their
+# workers; SLURM's `--signal=USR1@SECONDS` sends SIGUSR1 that long before a job's time limit.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Records a stop signal instead of dying of it; the training loop stops at the end of the step it is on, with
+    a checkpoint of that step (a signal arriving mid-step would otherwise lose every step since the last one)."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __call__(self, signum, frame):
+        self.signum = signum
+
+    @contextmanager
+    def installed(self):
+        """The handler for STOP_SIGNALS while inside (main thread only, as Python requires); the previous ones after."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self) for s in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore STOP_SIGNALS: a signal to the whole process group (SLURM, Ctrl-C's terminal
+    group) must not kill a worker under the main process while it finishes its step and saves; the workers end with
+    the main process."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 # ----------------------------------------------------------------------------- the run
 
 @dataclass
@@ -392,7 +434,8 @@ def prepare_run(args) -> Run:
     dataset = build_dataset(cfg.data, expected_shape=(cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size))
     sampler = StepBatchSampler(len(dataset), tc.global_batch_size, rank, world, tc.seed, start_step, micro)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=cfg.data.num_workers > 0)
+                        persistent_workers=cfg.data.num_workers > 0,
+                        worker_init_fn=ignore_stop_signals if cfg.data.num_workers > 0 else None)
     logger.info(f"dataset: {len(dataset):,} items ({cfg.data.kind})")
 
     ema.to(device).eval()
@@ -586,8 +629,9 @@ def main(argv=None):
     first, last = tc.profile_steps or (0, 0)
     bar = tqdm(total=tc.max_steps, initial=run.start_step, disable=not acc.is_main_process, desc="train",
                dynamic_ncols=True)
-    with step_profiler(first, last, os.path.join(run.run_dir, "profile"), f"rank{acc.process_index}",
-                       start=run.start_step) as profiler:
+    stop, stopping = StopRequest(), False
+    with stop.installed(), step_profiler(first, last, os.path.join(run.run_dir, "profile"),
+                                         f"rank{acc.process_index}", start=run.start_step) as profiler:
         for step in range(run.start_step, tc.max_steps):
             if run.distill_steps and step == run.distill_steps:
                 run.teacher = None
@@ -604,9 +648,13 @@ def main(argv=None):
                 with acc.accumulate(run.model), acc.autocast():
                     losses = step_losses(run, x, y, step, fraction, n_target)
                     # Decided on all ranks together: a rank that skipped or stopped alone would hang the others.
-                    bad = acc.reduce((~torch.isfinite(losses.total.detach())).float().reshape(1), reduction="sum")
-                    if bad.item() > 0:
-                        msg = (f"non-finite loss at step {step + 1} on {int(bad.item())} rank(s); last good "
+                    # One reduce and one host sync for both questions: a non-finite loss, a stop signal.
+                    votes = torch.stack([(~torch.isfinite(losses.total.detach())).float(),
+                                         torch.tensor(float(stop.signum > 0), device=acc.device)])  # (2,)
+                    bad, stop_votes = acc.reduce(votes, reduction="sum").tolist()
+                    stopping = stopping or stop_votes > 0
+                    if bad > 0:
+                        msg = (f"non-finite loss at step {step + 1} on {int(bad)} rank(s); last good "
                                f"checkpoint: {latest_checkpoint(run.run_dir) or 'none'}")
                         if tc.nan_policy == "stop":
                             raise TrainError(msg + "; stopping (train.nan_policy=stop)")
@@ -630,19 +678,27 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{log['loss']:.4f}")
                 run.tracker.log(log, done)
                 window = Window()
-            if done % tc.ckpt_every == 0 or done == tc.max_steps:
+            if done % tc.ckpt_every == 0 or done == tc.max_steps or stopping:
                 save_checkpoint(run, done)
+            if stopping:
+                name = signal.Signals(stop.signum or signal.SIGTERM).name
+                logger.info(f"step {done}: stopped by {name} with a checkpoint of this step; continue with "
+                            f"--resume {run.run_dir}")
+                break
             if cfg.logging.image_every > 0 and done % cfg.logging.image_every == 0 and acc.is_main_process:
                 run.tracker.log_images(save_images(run, done), done)
     bar.close()
     if tc.profile_steps and acc.is_main_process:
         logger.info(f"profiler trace of steps {first}-{last}: {os.path.join(run.run_dir, 'profile')} "
                     f"(tensorboard --logdir there, or open the .pt.trace.json in Perfetto)")
-    logger.info("done")
+    if not stopping:
+        logger.info("done")
     run.tracker.close()
     acc.end_training()
     if run.lock is not None:
         run.lock.close()  # the folder is free for the next trainer, also when main() is called in-process
+    if stopping:  # every rank the same status, whichever received the signal
+        raise SystemExit(128 + (stop.signum or signal.SIGTERM))
 
 
 if __name__ == "__main__":

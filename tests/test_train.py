@@ -237,3 +237,41 @@ def test_a_run_folder_another_process_trains_is_refused(feature_dir, tmp_path):
     held.close()
     run_script(resume)
     assert os.path.isfile(os.path.join(run, "checkpoints", "0000004.pt"))
+
+
+def test_a_stop_signal_saves_the_step_it_is_on_and_resume_continues_exactly(feature_dir, tmp_path):
+    """SIGTERM to the whole process group (as SLURM or a terminal sends it), DataLoader workers included, between
+    checkpoints: the run saves the step it was on, exits 143, and a resume from there repeats the uninterrupted
+    losses."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, run_losses
+    common = ["--config", "configs/tiny/test-dit.yaml", f"data.feature_path={feature_dir}", "train.log_every=1",
+              "train.ckpt_every=1000", "data.num_workers=1"]
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "train.py", *common, "train.max_steps=100000",
+                             f"train.results_dir={stopped}"], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while time.time() < deadline and not (glob.glob(str(stopped / "*" / "log.txt")) and
+                                          max(run_losses(only_run(stopped)), default=0) >= 3):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    run = only_run(stopped)
+    ckpts = sorted(glob.glob(os.path.join(run, "checkpoints", "*.pt")))
+    assert len(ckpts) == 1, ckpts
+    step = torch.load(ckpts[0], weights_only=True)["step"]
+    assert 3 <= step < 1000 and max(run_losses(run)) == step  # the step it was on, not a checkpoint interval's
+    log = open(os.path.join(run, "log.txt")).read()
+    assert f"step {step}: stopped by SIGTERM with a checkpoint of this step; continue with --resume {run}" in log
+    assert "done" not in log.splitlines()[-1]
+    run_script(["train.py", "--resume", run, f"train.max_steps={step + 3}"])
+    run_script(["train.py", *common, f"train.max_steps={step + 3}", f"train.results_dir={tmp_path / 'whole'}"])
+    resumed, whole = run_losses(run), run_losses(only_run(tmp_path / "whole"))
+    assert [resumed[s] for s in range(step + 1, step + 4)] == [whole[s] for s in range(step + 1, step + 4)]
