@@ -362,6 +362,12 @@ def test_train_all_runs_jobs_at_once_and_waits_for_the_checkpoints_a_run_starts_
     with pytest.raises(plan.ReproduceError, match="bad failed"):
         runs.train_all({"bad": ("X", "c", []), "slow": ("S", "c", [])}, str(tmp_path), jobs=2)
     assert jobs["slow"].proc.returncode < 0 and time.monotonic() - t0 < 10
+    # Past the --minutes deadline the runs training are stopped (SIGTERM) and the rest never start.
+    jobs.clear()
+    t0 = time.monotonic()
+    with pytest.raises(plan.TimeBudgetSpent, match="before training runs \\['slow', 'later'\\] finished"):
+        runs.train_all({"slow": ("S", "c", []), "later": ("L", "c", [])}, str(tmp_path), jobs=1, deadline=t0 + 1.0)
+    assert list(jobs) == ["slow"] and jobs["slow"].proc.returncode < 0 and 1.0 <= time.monotonic() - t0 < 10
     # A run starting from one this invocation does not train is refused before anything starts.
     with pytest.raises(plan.ReproduceError, match="starts from \\['teacher'\\]"):
         runs.train_all({"up": ("U", "c", ["upcycle.checkpoint={teacher}"])}, str(tmp_path), jobs=2)
@@ -404,3 +410,28 @@ def test_the_two_stage_verdict_follows_the_margin_and_its_spread():
     assert reporting._hierarchy_verdict(row(10.0), row(12.0)).startswith("**Yes**")
     assert reporting._hierarchy_verdict(row(12.0), row(10.0)).startswith("**No**")
     assert reporting._hierarchy_verdict(row(12.0, 0.1), row(10.0, 2.0)).startswith("**Not measurably**")
+
+
+def test_minutes_stops_before_the_next_sample_set_and_exits_3(tmp_path, monkeypatch, capsys):
+    """--minutes: a spent budget stops scoring before a set it would have to sample (cached sets still load), and the
+    command exits 3 with one line saying that the same command continues."""
+    import time
+    scorer = object.__new__(scoring.Scorer)  # only what score() reads before it samples
+    scorer.plan, scorer.work, scorer.phases, scorer.feature_label = plan.QUICK, str(tmp_path), {}, "pixels"
+    scorer.deadline = time.monotonic() - 1.0
+    ckpt = tmp_path / "0000012.pt"
+    ckpt.write_bytes(b"weights")
+    monkeypatch.setattr(scoring, "sample_set", lambda *a, **k: pytest.fail("sampled past the deadline"))
+    with pytest.raises(plan.TimeBudgetSpent, match="before sampling dcdit f=0"):
+        scorer.score(None, None, "dcdit f=0", str(ckpt))
+    assert not (tmp_path / "scores").exists()
+
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(["--out", str(tmp_path / "r"), "--quick", "--tables", "2", "--minutes", "1e-9"])
+    assert stop.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("stopped: the --minutes budget is spent before training runs ['dcdit', 'random']")
+    assert not (tmp_path / "r" / "work" / "runs").exists()  # nothing started
+    with pytest.raises(SystemExit) as bad:
+        reproduce.main(["--out", str(tmp_path / "r"), "--minutes", "0"])
+    assert bad.value.code == 2

@@ -6,6 +6,7 @@
     python tools/reproduce.py --out /tmp/t2 --tables 2       # one table alone: only the runs it needs
     python tools/reproduce.py --out reports/digits_latent --space latent --status   # how far each run has got
     python tools/reproduce.py --out reports/digits_latent --space latent --jobs 2   # two runs at a time
+    python tools/reproduce.py --out reports/digits_latent --space latent --minutes 60   # an hour, then stop; rerun
 
 --space latent first trains the small AutoencoderKL of tools/train_autoencoder.py on the digits at 64 x 64
 (resumable), writes Fast-DiT feature folders with extract_features.py (16 x 16 x 4 latents), and trains and
@@ -32,7 +33,7 @@ where the learned boundaries land, how compression follows the timestep and what
 cost (an FID-vs-GFLOPs figure with the DiT rows).
 Writes OUT/REPORT.md, OUT/results.json and PNG figures; training runs go to OUT/work (not meant for git).
 A rerun skips the runs already trained and resumes a half-finished one, so a crash loses at most a
-checkpoint interval. Every number in the report is computed by this script from the runs it just did.
+checkpoint interval, and a stop (Ctrl-C, kill, --minutes) nothing: the runs save the step they are on. Every number in the report is computed by this script from the runs it just did.
 
 This file is the command; its pieces are in tools/reproduction/: plan.py (what is trained: the tables, their runs,
 the baselines' depths), runs.py (training them, --jobs, --status), scoring.py (sample sets, FID, FLOPs, boundary
@@ -58,9 +59,9 @@ from sampling import load_model_for_sampling, load_vae_if_latent
 from tools.reproduction.figures import plot_compression, plot_enrichment, plot_pareto, plot_samples
 from tools.reproduction.plan import (AGREEMENT_PAIRS, DCDIT_CONFIG, DIT_CONFIG, DYDIT_LR_SCALE, DYDIT_TARGET,
                                      FRACTIONS, FULL, FULL_LATENT, LATENT_CONFIGS, LITE_CFG_FRACTIONS, PAPER_CONFIG,
-                                     QUICK, RECOGNITION_BAR, ROOT, SEED, TABLES, ReproduceError, budget_steps,
-                                     distill_steps, dydit_steps, matched_depths, run_specs, scaffold_share,
-                                     teacher_steps, two_stage_spec)
+                                     QUICK, RECOGNITION_BAR, ROOT, SEED, TABLES, ReproduceError, TimeBudgetSpent,
+                                     budget_steps, distill_steps, dydit_steps, matched_depths, run_specs,
+                                     scaffold_share, teacher_steps, two_stage_spec)
 from tools.reproduction.report import judge, rerender, write_report
 from tools.reproduction.runs import prepare_latent, print_status, train_all
 from tools.reproduction.scoring import Scorer, agreement, boundary_maps, compression_by_step, zero_output
@@ -107,10 +108,16 @@ def main_impl(argv=None) -> dict:
     parser.add_argument("--status", action="store_true",
                         help="only print how far each training run of this invocation has got (steps, training "
                              "time) and how many sample sets are scored; nothing is trained, sampled or scored")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="stop after this many minutes (training runs save the step they are on; scoring stops "
+                             "before its next sample set) and exit 3; the same command continues from there")
     parser.add_argument("--rerender", action="store_true",
                         help="only rewrite OUT/REPORT.md from the numbers in OUT/results.json (after a change to the "
                              "report's wording; nothing is trained, sampled or scored)")
     args = parser.parse_args(argv)
+    if args.minutes is not None and not args.minutes > 0:
+        raise ReproduceError(f"--minutes must be > 0, got {args.minutes}")
+    deadline = None if args.minutes is None else time.monotonic() + 60.0 * args.minutes
     latent = args.space == "latent"
     plan = QUICK if args.quick else (FULL_LATENT if latent else FULL)
     out = os.path.abspath(args.out)
@@ -138,12 +145,12 @@ def main_impl(argv=None) -> dict:
     if args.status:
         return {"runs": print_status(work, specs, latent)}
     start = time.perf_counter()
-    trained = train_all(specs, work, args.jobs)
+    trained = train_all(specs, work, args.jobs, deadline)
     phases[f"training ({len(specs)} models), this invocation"] = time.perf_counter() - start
     phases.update({f"training {key} (from its log)": t["seconds"] for key, t in trained.items()})
 
     start = time.perf_counter()
-    scorer = Scorer(args.space, dcdit_cfg.model.input_size, plan, work, args.features, phases)
+    scorer = Scorer(args.space, dcdit_cfg.model.input_size, plan, work, args.features, phases, deadline)
     phases["reference features"] = time.perf_counter() - start
 
     models, sets, compression, enrichment, tail, by_key, zero_row = {}, {}, {}, {}, [], {}, None
@@ -248,7 +255,13 @@ def main_impl(argv=None) -> dict:
     return res
 
 
-main = main_guard(main_impl)
+def main(argv=None):
+    """main_impl with one-line errors (exit 2); a spent --minutes budget is a stop, not an error: exit 3."""
+    try:
+        return main_guard(main_impl)(argv)
+    except TimeBudgetSpent as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
 
 if __name__ == "__main__":
     main()

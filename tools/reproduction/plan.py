@@ -3,6 +3,7 @@ and the baselines' depths picked from exact parameter and FLOP counts (Table 1 i
 import dataclasses
 import math
 import os
+import time
 
 from models.flops import build_model, count_params, dcdit_flops_coeffs, forward_flops, quadratic
 
@@ -70,6 +71,18 @@ QUICK = Plan(steps=12, sampling_steps=4, n_samples=16, n_ref=24, n_maps=4, boots
 
 class ReproduceError(RuntimeError):
     user_error = True  # main_guard prints one line
+
+
+class TimeBudgetSpent(RuntimeError):
+    """--minutes ran out: the invocation stopped where a rerun of the same command continues (not an error: the
+    command exits 3 rather than main_guard's 2, so a loop can tell the two apart)."""
+
+
+def check_deadline(deadline, what: str) -> None:
+    """Raise TimeBudgetSpent once time.monotonic() passes `deadline` (None: no budget) before `what` starts."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise TimeBudgetSpent(f"the --minutes budget is spent before {what}; everything done so far is saved, and "
+                              "the same command continues from there")
 
 
 # ----------------------------------------------------------------------------- the four models

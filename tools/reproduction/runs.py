@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from .plan import LATENT_IMAGE_SIZE, ROOT, Plan, ReproduceError
+from .plan import LATENT_IMAGE_SIZE, ROOT, Plan, ReproduceError, check_deadline
 
 
 def _run(cmd: list, what: str) -> None:
@@ -213,7 +213,7 @@ def sigterm_unwinds():
         signal.signal(signal.SIGTERM, previous)
 
 
-def train_all(specs: dict, work: str, jobs: int = 1) -> dict:
+def train_all(specs: dict, work: str, jobs: int = 1, deadline: float = None) -> dict:
     """Train every run of `specs` (key -> (label, config, overrides)), up to `jobs` at once. A run that starts from
     another's final checkpoint ({key} in its overrides) waits for it; of the runs ready to start, those that others
     wait for go first (so that a free slot does not idle behind them at the end), then specs' order.
@@ -221,7 +221,8 @@ def train_all(specs: dict, work: str, jobs: int = 1) -> dict:
     With jobs > 1 each child gets its share of the cores (OMP_NUM_THREADS = cores // jobs, unless set): small models
     use two threads poorly, and children each spinning on every core would wait on each other
     (docs/reproduction.md has the measurement). A failed run stops the others (each resumes from its newest
-    checkpoint on a rerun). -> key -> finish_training's dict."""
+    checkpoint on a rerun). deadline (a time.monotonic(); None: none): past it TimeBudgetSpent, and the runs
+    training get SIGTERM, on which train.py saves the step it is on. -> key -> finish_training's dict."""
     for key, (_, _, overrides) in specs.items():
         missing = needs(overrides) - set(specs)
         if missing:
@@ -235,18 +236,20 @@ def train_all(specs: dict, work: str, jobs: int = 1) -> dict:
     trained, running, pending = {}, {}, list(specs)
     with sigterm_unwinds():
         try:
-            _schedule(specs, work, jobs, threads, trained, running, pending)
+            _schedule(specs, work, jobs, threads, trained, running, pending, deadline)
         finally:
-            for job in running.values():  # a failure, Ctrl-C or kill: stop the rest at their last checkpoint
+            for job in running.values():  # a failure, Ctrl-C, kill or the deadline: each saves its step, stops
                 job.proc.terminate()
                 job.proc.wait()
     return {k: trained[k] for k in specs}
 
 
-def _schedule(specs: dict, work: str, jobs: int, threads, trained: dict, running: dict, pending: list) -> None:
+def _schedule(specs: dict, work: str, jobs: int, threads, trained: dict, running: dict, pending: list,
+              deadline: float = None) -> None:
     """train_all's loop: start what is ready while slots are free, collect what exited (running holds the children
     for train_all to stop)."""
     while pending or running:
+        check_deadline(deadline, f"training runs {sorted(running) + pending} finished")
         awaited = {k for p in pending for k in needs(specs[p][2])}
         ready = sorted((k for k in pending if needs(specs[k][2]) <= set(trained)), key=lambda k: k not in awaited)
         if not ready and not running:

@@ -22,7 +22,7 @@ from models.flops import dcdit_flops_coeffs, forward_flops, tflops_from_counts
 from sampling import Sampler, generate
 from visualize import chunking_viz
 
-from .plan import LATENT_IMAGE_SIZE, SEED, Plan, ReproduceError
+from .plan import LATENT_IMAGE_SIZE, SEED, Plan, ReproduceError, check_deadline
 
 
 def real_digits(space: str, indices, size: int) -> np.ndarray:
@@ -171,8 +171,10 @@ class Scorer:
     (with the real-vs-real floor at the sample size) and the share a digit classifier recognises as their class.
     Every set and its features are cached in work/scores (cached_set); wall times go to `phases`."""
 
-    def __init__(self, space: str, size: int, plan: Plan, work: str, feature_kind: str, phases: dict):
+    def __init__(self, space: str, size: int, plan: Plan, work: str, feature_kind: str, phases: dict,
+                 deadline: float = None):
         self.space, self.size, self.plan, self.work, self.phases = space, size, plan, work, phases
+        self.deadline = deadline  # a time.monotonic() past which no new sample set starts (--minutes)
         try:
             self.net, self.feature_label = feature_net(feature_kind)
         except WeightsUnavailable as e:
@@ -199,6 +201,7 @@ class Scorer:
         plan = self.plan
 
         def make() -> dict:
+            check_deadline(self.deadline, f"sampling {name}")
             s = sample_set(model, cfg, plan, f, desc=f"sample {name}", vae=vae, uncond_tail_drop=uncond_f)
             start = time.perf_counter()
             acts = features(self.net, s["images"], f"features {name}")
