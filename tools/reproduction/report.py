@@ -427,7 +427,9 @@ def wall_times_section(res: dict) -> list:
     """Every phase's minutes and the command that trains each run."""
     lines = ["## Wall times", "", "| phase | minutes |", "|---|---:|"]
     lines += [f"| {k} | {v / 60:.1f} |" for k, v in res["phases"].items()]
-    return lines + ["", "Training commands (a rerun resumes each from its latest checkpoint; train min above is the "
+    return lines + ["", "A sample set's minutes are those of the invocation that sampled it (sets are cached in "
+                    "work/scores and reused), which may have shared the cores with training runs.", "",
+                    "Training commands (a rerun resumes each from its latest checkpoint; train min above is the "
                     "training time its log records, across the sessions it took; a run trained beside others "
                     "(`--jobs`) had its share of the cores, so its minutes are its own wall time, not its cost "
                     "alone):", "", "```"] + [m["command"] or f"(reused {m['ckpt']})" for m in res["models"].values()] \
