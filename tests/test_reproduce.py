@@ -129,6 +129,13 @@ def test_judge_reports_claims_that_fail():
                   tail=((0.0, 1.0, 10.0), (0.3, 0.8, 11.0), (0.6, 0.6, 30.0)))
     held = [h for _, h, _ in reporting.judge(bad)]
     assert held == [False, False, True, False, False, False]
+    # Tail-drop rows past the fractions the checkpoint trained with are said to be.
+    bad["recipe"] = {"drop_fractions": [0.0, 0.1, 0.2, 0.3]}
+    evidence = reporting.judge(bad)[-1][2]
+    assert evidence.endswith("drew f from {0, 0.1, 0.2, 0.3} (the authors' README default), so f = 0.6 is beyond "
+                             "what it was trained for")
+    bad["recipe"] = {"drop_fractions": [0.0, 0.3, 0.6]}
+    assert "beyond" not in reporting.judge(bad)[-1][2]
 
 
 def _table34(fids: dict, flops_ratio: float = 0.7) -> dict:
@@ -246,6 +253,18 @@ def test_cached_set_is_reused_only_for_the_same_ident(tmp_path):
     other = scoring.cached_set(path, {"source": "a.pt", "f": 0.3}, lambda: make(kept=False))  # another set
     assert len(calls) == 2 and int(other["images"][0, 0, 0, 0]) == 2
     assert scoring.cached_set(path, {"source": "a.pt", "f": 0.3}, make)["kept"] is None and len(calls) == 2
+
+
+def test_agreement_section_names_the_zero_output_reference_only_when_it_ran():
+    m = lambda label: {"label": label, "fid": 1.0}  # noqa: E731
+    res = {"agreement": {"dcdit vs random": {"mean_abs": 7.0, "corr": 0.9}}, "zero_output": None,
+           "models": {"dcdit": m("learned"), "random": m("random")}}
+    text = "\n".join(reporting.agreement_section(res))
+    assert "| learned vs random | 7.00 | 0.900 |" in text and "zero" not in text and "nan" not in text
+    res["zero_output"] = {"label": "DiT, output layer zeroed", "fid": 300.0, "fid_sd": 2.0, "recognised": 0.1}
+    res["agreement"]["dcdit vs zero"] = {"mean_abs": 50.0, "corr": 0.1}
+    text = "\n".join(reporting.agreement_section(res))
+    assert "(FID 300.00 ± 2.00, recognised 10.0%)" in text and "| learned vs DiT, output layer zeroed |" in text
 
 
 def test_agreement_and_the_zero_output_reference():

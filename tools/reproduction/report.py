@@ -78,6 +78,17 @@ def dydit_claim(res: dict) -> list:
              f"{dy['fid']:.2f} vs {dc['fid']:.2f} (criterion: no worse by more than 2 bootstrap sd, {noise:.2f})")]
 
 
+def _beyond_training(res: dict) -> str:
+    """A note when the tail-drop rows go past the drop fractions the checkpoint was trained with (empty otherwise,
+    and for results.json files without the recipe's fractions)."""
+    trained = res.get("recipe", {}).get("drop_fractions")
+    beyond = [r["f"] for r in res["tail_drop"] if trained and r["f"] > max(trained)]
+    if not beyond:
+        return ""
+    return (f"; multi-budget training drew f from {{{', '.join(f'{f:g}' for f in trained)}}} (the authors' README "
+            f"default), so f = {', '.join(f'{f:g}' for f in beyond)} is beyond what it was trained for")
+
+
 def judge(res: dict) -> list:
     """(claim, held, evidence) for each qualitative claim, from the numbers alone."""
     fid = {k: res["models"][k]["fid"] for k in res["models"]}
@@ -116,7 +127,8 @@ def judge(res: dict) -> list:
     smooth = cheaper and all(1.0 - 0.1 <= x <= 1.5 for x in rises)
     claims.append(("One checkpoint degrades smoothly under tail dropping (authors' Pareto figure)", smooth,
                    "FID " + " -> ".join(f"{r['fid']:.2f} (f={r['f']:g}, {1e3 * r['tflops']:.2f} GFLOPs)" for r in td)
-                   + "; criterion: GFLOPs fall and each step changes FID by a factor in [0.9, 1.5]"))
+                   + "; criterion: GFLOPs fall and each step changes FID by a factor in [0.9, 1.5]"
+                   + _beyond_training(res)))
     return claims + upcycling_claims(res) + dydit_claim(res)
 
 
@@ -227,16 +239,18 @@ def agreement_section(res: dict) -> list:
     'learned nothing' (empty for results.json files written before it was measured)."""
     if not res.get("agreement"):
         return []
-    z = res["zero_output"] or {"label": "zero-output DiT (not run)", "fid": float("nan"), "fid_sd": float("nan"),
-                               "recognised": float("nan")}
-    names = dict({k: m["label"] for k, m in res["models"].items()}, zero=z["label"])
+    z = res["zero_output"]  # None when Table 1 (its DiT) was not run
+    names = {k: m["label"] for k, m in res["models"].items()}
+    reference = ""
+    if z is not None:
+        names["zero"] = z["label"]
+        reference = (" The reference is the parameter-matched DiT with its output layer zeroed: it predicts eps = 0 "
+                     "at every step, so its samples are what the sampler alone makes of the seeds (FID "
+                     f"{z['fid']:.2f} ± {z['fid_sd']:.2f}, recognised {100 * z['recognised']:.1f}%).")
     lines = ["## Same noise, same images?", "",
              "Every model samples image i from the same seed, so two models that learned the same function draw the "
              "same images and tie on FID whatever their size. The pairs below compare sample sets pixel by pixel "
-             "(mean absolute difference in grey levels of 255, and Pearson r over all pixels). The reference is "
-             f"the parameter-matched DiT with its output layer zeroed: it predicts eps = 0 at every step, so its "
-             f"samples are what the sampler alone makes of the seeds (FID {z['fid']:.2f} ± {z['fid_sd']:.2f}, "
-             f"recognised {100 * z['recognised']:.1f}%).", "",
+             "(mean absolute difference in grey levels of 255, and Pearson r over all pixels)." + reference, "",
              "| pair | mean abs difference | r |", "|---|---:|---:|"]
     for pair, a in res["agreement"].items():
         first, second = pair.split(" vs ")
@@ -392,6 +406,9 @@ def elastic_section(res: dict) -> list:
                      f"{r['tflops'] / base:.3f} | {r['compression']:.2f} | {r['fid']:.2f} ± {r['fid_sd']:.2f} | "
                      f"{_recognised(r)} |")
     dits = [res["models"][k] for k in ("isoparam", "isoflop") if k in res["models"]]
+    note = _beyond_training(res)
+    if note:
+        lines += ["", "Note: " + note[2].upper() + note[3:] + "."]
     return lines + ["", "FID against measured GFLOPs/img: the DC-DiT checkpoint at every budget above"
                     + (", and the DiT/2 rows of Table 1 (" + ", ".join(f"{m['label']}: {1e3 * m['tflops']:.2f} "
                                                                        f"GFLOPs, FID {m['fid']:.2f}" for m in dits)
