@@ -60,7 +60,8 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     assert f"{c0:.2f} | {c1:.2f}" in report
     bands = reporting._by_band(saved["compression"]["twostage_stage0"], "mean")
     assert f"| two-stage, stage 0 | {bands} | {c0:.2f} |" in report  # compression per stage by timestep band
-    assert len(res["claims"]) == 6 and report.count("| **yes** |") + report.count("| **no** |") == 6
+    assert len(res["claims"]) == 7 and report.count("| **yes** |") + report.count("| **no** |") == 7
+    assert res["claims"][6][0].startswith("Lite-CFG cuts the cost of guidance")
     # The same-seed diagnostics: every pair measured, the zero-output reference scored, the baseline bar judged.
     assert set(saved["agreement"]) == {f"{a} vs {b}" for a, b in plan.AGREEMENT_PAIRS}
     assert all(0 <= a["mean_abs"] <= 255 and -1 <= a["corr"] <= 1 for a in saved["agreement"].values())
@@ -136,6 +137,21 @@ def test_judge_reports_claims_that_fail():
                              "what it was trained for")
     bad["recipe"] = {"drop_fractions": [0.0, 0.3, 0.6]}
     assert "beyond" not in reporting.judge(bad)[-1][2]
+
+
+def test_lite_cfg_claim_follows_cost_and_fid():
+    tail = [{"f": 0.0, "tflops": 1.0, "fid": 10.0, "fid_sd": 0.5}, {"f": 0.3, "tflops": 0.8, "fid": 12.0, "fid_sd": 0.5},
+            {"f": 0.6, "tflops": 0.6, "fid": 20.0, "fid_sd": 0.5}]
+    lite = [{"uncond_f": 0.3, "tflops": 0.9, "fid": 10.5, "fid_sd": 0.5},
+            {"uncond_f": 0.6, "tflops": 0.79, "fid": 11.0, "fid_sd": 0.5}]
+    (claim, held, evidence), = reporting.lite_cfg_claim({"tail_drop": tail, "lite_cfg": lite})
+    assert held and "unconditional f = 0.6: 790.00 GFLOPs, FID 11.00 (dropping both branches at f = 0.3: 800.00 " \
+                     "GFLOPs, FID 12.00)" in evidence
+    lite[1]["fid"] = 11.5  # 1.5 worse than f = 0 against 2 sd = 1.41: measurably worse
+    assert not reporting.lite_cfg_claim({"tail_drop": tail, "lite_cfg": lite})[0][1]
+    lite[1].update(fid=10.0, tflops=1.0)  # no cheaper than plain CFG
+    assert not reporting.lite_cfg_claim({"tail_drop": tail, "lite_cfg": lite})[0][1]
+    assert reporting.lite_cfg_claim({"tail_drop": tail}) == []
 
 
 def _table34(fids: dict, flops_ratio: float = 0.7) -> dict:

@@ -63,6 +63,28 @@ def upcycling_claims(res: dict) -> list:
     return claims
 
 
+def lite_cfg_claim(res: dict) -> list:
+    """The authors' README on Lite-CFG: dropping tokens in the unconditional branch only cuts the cost of guidance
+    while the conditional branch keeps its budget. Held when every Lite-CFG row costs less than plain CFG at f = 0
+    and its FID is no worse by more than 2 bootstrap sd (empty without Lite-CFG rows). The evidence also sets each
+    row against the both-branch tail-drop row of nearest GFLOPs, the alternative at that cost."""
+    lite, tail = res.get("lite_cfg") or [], res["tail_drop"]
+    if not lite:
+        return []
+    base = tail[0]
+    held, parts = True, []
+    for r in lite:
+        noise = 2 * float(np.hypot(r.get("fid_sd", 0.0), base.get("fid_sd", 0.0)))
+        held &= r["tflops"] < base["tflops"] and r["fid"] - base["fid"] <= noise
+        near = min(tail[1:] or tail, key=lambda t: abs(t["tflops"] - r["tflops"]))
+        parts.append(f"unconditional f = {r['uncond_f']:g}: {1e3 * r['tflops']:.2f} GFLOPs, FID {r['fid']:.2f} "
+                     f"(dropping both branches at f = {near['f']:g}: {1e3 * near['tflops']:.2f} GFLOPs, FID "
+                     f"{near['fid']:.2f})")
+    return [("Lite-CFG cuts the cost of guidance at comparable FID (authors' README)", held,
+             f"plain CFG at f = 0: {1e3 * base['tflops']:.2f} GFLOPs, FID {base['fid']:.2f}; " + "; ".join(parts)
+             + "; criterion: cheaper, and FID no worse by more than 2 bootstrap sd")]
+
+
 def dydit_claim(res: dict) -> list:
     """Table 4 (§4.5): DyDiT's gates cut FLOPs to about lambda at comparable FID (empty when it was not run)."""
     if "dydit" not in res["models"]:
@@ -129,7 +151,7 @@ def judge(res: dict) -> list:
                    "FID " + " -> ".join(f"{r['fid']:.2f} (f={r['f']:g}, {1e3 * r['tflops']:.2f} GFLOPs)" for r in td)
                    + "; criterion: GFLOPs fall and each step changes FID by a factor in [0.9, 1.5]"
                    + _beyond_training(res)))
-    return claims + upcycling_claims(res) + dydit_claim(res)
+    return claims + lite_cfg_claim(res) + upcycling_claims(res) + dydit_claim(res)
 
 
 def _hierarchy_verdict(two: dict, single: dict) -> str:
