@@ -681,7 +681,7 @@ def main(argv=None):
             if done % tc.ckpt_every == 0 or done == tc.max_steps or stopping:
                 save_checkpoint(run, done)
             if stopping:
-                name = signal.Signals(stop.signum or signal.SIGTERM).name
+                name = signal.Signals(stop.signum).name if stop.signum else "a stop signal to another rank"
                 logger.info(f"step {done}: stopped by {name} with a checkpoint of this step; continue with "
                             f"--resume {run.run_dir}")
                 break

@@ -275,3 +275,45 @@ def test_a_stop_signal_saves_the_step_it_is_on_and_resume_continues_exactly(feat
     run_script(["train.py", *common, f"train.max_steps={step + 3}", f"train.results_dir={tmp_path / 'whole'}"])
     resumed, whole = run_losses(run), run_losses(only_run(tmp_path / "whole"))
     assert [resumed[s] for s in range(step + 1, step + 4)] == [whole[s] for s in range(step + 1, step + 4)]
+
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(feature_dir, tmp_path):
+    """Two CPU processes (torchrun, gloo), SIGUSR1 to rank 1 alone: both finish the same step, rank 0 saves it, and
+    neither hangs waiting for the other."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, run_losses
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29633", "train.py", "--config", "configs/tiny/test-dit.yaml",
+                             f"data.feature_path={feature_dir}", "train.max_steps=100000", "train.ckpt_every=1000",
+                             "train.log_every=1", f"train.results_dir={tmp_path}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while time.time() < deadline and not (glob.glob(str(tmp_path / "*" / "log.txt")) and
+                                          max(run_losses(only_run(tmp_path)), default=0) >= 3):
+        time.sleep(0.2)
+    rank1 = [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_rank(int(p), proc.pid, "1")]
+    assert len(rank1) == 1, rank1
+    os.kill(rank1[0], signal.SIGUSR1)
+    assert proc.wait(timeout=120) != 0  # torchrun reports the workers' stop status
+    run = only_run(tmp_path)
+    ckpts = glob.glob(os.path.join(run, "checkpoints", "*.pt"))
+    assert len(ckpts) == 1
+    step = torch.load(ckpts[0], weights_only=True)["step"]
+    log = open(os.path.join(run, "log.txt")).read()
+    assert f"step {step}: all 2 ranks hold identical weights" in log
+    assert f"step {step}: stopped by a stop signal to another rank with a checkpoint of this step" in log
+
+
+def _is_rank(pid: int, parent: int, rank: str) -> bool:
+    """Whether process `pid` is a worker torchrun (`parent`) started, with RANK=rank."""
+    try:
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return False
+    return ppid == parent and f"RANK={rank}".encode() in env
