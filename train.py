@@ -12,8 +12,9 @@ random draw of a step are functions of (seed, step, rank), so a resumed run repe
 uninterrupted one. One process trains a run folder at a time: a second `--resume` of a folder still being
 trained is refused (rank 0 holds `run/.lock` until it exits). SIGTERM or SIGUSR1 (`kill`, `timeout`, torchrun,
 SLURM's `--signal=USR1@90` before a time limit) stops the run at the end of the step it is on, with a checkpoint
-of that step, and exits 128 + the signal's number: nothing trained is lost, and `--resume` continues exactly. `train.init_from=CKPT` starts a new run from a checkpoint's weights instead (fresh
-optimizer, step 0): fine-tuning, or a checkpoint converted from the authors' release.
+of that step, and exits 128 + the signal's number: nothing trained is lost, and `--resume` continues exactly.
+`train.init_from=CKPT` starts a new run from a checkpoint's weights instead (fresh optimizer, step 0):
+fine-tuning, or a checkpoint converted from the authors' release.
 
 Upcycling (paper §4.4, docs/upcycling.md): a fresh run copies a DiT checkpoint's blocks and (frozen)
 embedders into the DC-DiT, then trains for upcycle.distill_steps steps on activation distillation from
