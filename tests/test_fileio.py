@@ -38,7 +38,8 @@ def test_successful_write_replaces_the_file(tmp_path):
 
 def test_a_held_folder_is_refused_to_a_second_holder_until_released(tmp_path):
     first = hold_folder(tmp_path, "run folder")
-    with pytest.raises(FolderInUse, match=f"run folder {tmp_path} is in use by another process \\(pid {os.getpid()}\\)"):
+    held_by_me = f"run folder {tmp_path} is in use by another process \\(pid {os.getpid()}\\)"
+    with pytest.raises(FolderInUse, match=held_by_me):
         hold_folder(tmp_path, "run folder")
     first.close()
     hold_folder(tmp_path).close()  # released: free again

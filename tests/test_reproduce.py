@@ -140,8 +140,8 @@ def test_judge_reports_claims_that_fail():
 
 
 def test_lite_cfg_claim_follows_cost_and_fid():
-    tail = [{"f": 0.0, "tflops": 1.0, "fid": 10.0, "fid_sd": 0.5}, {"f": 0.3, "tflops": 0.8, "fid": 12.0, "fid_sd": 0.5},
-            {"f": 0.6, "tflops": 0.6, "fid": 20.0, "fid_sd": 0.5}]
+    tail = [{"f": f, "tflops": t, "fid": fid, "fid_sd": 0.5} for f, t, fid in ((0.0, 1.0, 10.0), (0.3, 0.8, 12.0),
+                                                                                  (0.6, 0.6, 20.0))]
     lite = [{"uncond_f": 0.3, "tflops": 0.9, "fid": 10.5, "fid_sd": 0.5},
             {"uncond_f": 0.6, "tflops": 0.79, "fid": 11.0, "fid_sd": 0.5}]
     (claim, held, evidence), = reporting.lite_cfg_claim({"tail_drop": tail, "lite_cfg": lite})

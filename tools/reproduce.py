@@ -33,7 +33,8 @@ where the learned boundaries land, how compression follows the timestep and what
 cost (an FID-vs-GFLOPs figure with the DiT rows).
 Writes OUT/REPORT.md, OUT/results.json and PNG figures; training runs go to OUT/work (not meant for git).
 A rerun skips the runs already trained and resumes a half-finished one, so a crash loses at most a
-checkpoint interval, and a stop (Ctrl-C, kill, --minutes) nothing: the runs save the step they are on. Every number in the report is computed by this script from the runs it just did.
+checkpoint interval, and a stop (Ctrl-C, kill, --minutes) nothing: the runs save the step they are on. Every
+number in the report is computed by this script from the runs it just did.
 
 This file is the command; its pieces are in tools/reproduction/: plan.py (what is trained: the tables, their runs,
 the baselines' depths), runs.py (training them, --jobs, --status), scoring.py (sample sets, FID, FLOPs, boundary
