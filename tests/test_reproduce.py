@@ -133,7 +133,7 @@ def test_judge_reports_claims_that_fail():
     # Tail-drop rows past the fractions the checkpoint trained with are said to be.
     bad["recipe"] = {"drop_fractions": [0.0, 0.1, 0.2, 0.3]}
     evidence = reporting.judge(bad)[-1][2]
-    assert evidence.endswith("drew f from {0, 0.1, 0.2, 0.3} (the authors' README default), so f = 0.6 is beyond "
+    assert evidence.endswith("; multi-budget training drew f from {0, 0.1, 0.2, 0.3}, so f = 0.6 is beyond "
                              "what it was trained for")
     bad["recipe"] = {"drop_fractions": [0.0, 0.3, 0.6]}
     assert "beyond" not in reporting.judge(bad)[-1][2]

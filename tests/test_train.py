@@ -1,12 +1,17 @@
-"""train.py end to end on CPU: exact resume, 2-process data parallel, checkpoints, config in the run."""
+"""train.py end to end on CPU: exact resume, 2-process data parallel, checkpoints, config in the run, stop signals
+and the one-trainer-per-folder lock."""
 import glob
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import torch
 
-from conftest import only_run, run_script, train_full_and_resumed
+from conftest import ROOT, only_run, run_losses, run_script, train_full_and_resumed
 from fileio import hold_folder
 
 
@@ -243,12 +248,6 @@ def test_a_stop_signal_saves_the_step_it_is_on_and_resume_continues_exactly(feat
     """SIGTERM to the whole process group (as SLURM or a terminal sends it), DataLoader workers included, between
     checkpoints: the run saves the step it was on, exits 143, and a resume from there repeats the uninterrupted
     losses."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import ROOT, run_losses
     common = ["--config", "configs/tiny/test-dit.yaml", f"data.feature_path={feature_dir}", "train.log_every=1",
               "train.ckpt_every=1000", "data.num_workers=1"]
     stopped = tmp_path / "stopped"
@@ -280,12 +279,6 @@ def test_a_stop_signal_saves_the_step_it_is_on_and_resume_continues_exactly(feat
 def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(feature_dir, tmp_path):
     """Two CPU processes (torchrun, gloo), SIGUSR1 to rank 1 alone: both finish the same step, rank 0 saves it, and
     neither hangs waiting for the other."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import ROOT, run_losses
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                              "29633", "train.py", "--config", "configs/tiny/test-dit.yaml",
                              f"data.feature_path={feature_dir}", "train.max_steps=100000", "train.ckpt_every=1000",

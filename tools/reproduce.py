@@ -264,5 +264,6 @@ def main(argv=None):
         print(f"stopped: {e}", file=sys.stderr, flush=True)
         raise SystemExit(3) from None
 
+
 if __name__ == "__main__":
     main()

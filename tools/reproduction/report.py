@@ -101,14 +101,14 @@ def dydit_claim(res: dict) -> list:
 
 
 def _beyond_training(res: dict) -> str:
-    """A note when the tail-drop rows go past the drop fractions the checkpoint was trained with (empty otherwise,
-    and for results.json files without the recipe's fractions)."""
+    """A clause saying which tail-drop rows go past the drop fractions the checkpoint was trained with (empty when
+    none does, and for results.json files without the recipe's fractions)."""
     trained = res.get("recipe", {}).get("drop_fractions")
     beyond = [r["f"] for r in res["tail_drop"] if trained and r["f"] > max(trained)]
     if not beyond:
         return ""
-    return (f"; multi-budget training drew f from {{{', '.join(f'{f:g}' for f in trained)}}} (the authors' README "
-            f"default), so f = {', '.join(f'{f:g}' for f in beyond)} is beyond what it was trained for")
+    return (f"multi-budget training drew f from {{{', '.join(f'{f:g}' for f in trained)}}}, so f = "
+            f"{', '.join(f'{f:g}' for f in beyond)} is beyond what it was trained for")
 
 
 def judge(res: dict) -> list:
@@ -150,7 +150,7 @@ def judge(res: dict) -> list:
     claims.append(("One checkpoint degrades smoothly under tail dropping (authors' Pareto figure)", smooth,
                    "FID " + " -> ".join(f"{r['fid']:.2f} (f={r['f']:g}, {1e3 * r['tflops']:.2f} GFLOPs)" for r in td)
                    + "; criterion: GFLOPs fall and each step changes FID by a factor in [0.9, 1.5]"
-                   + _beyond_training(res)))
+                   + (f"; {_beyond_training(res)}" if _beyond_training(res) else "")))
     return claims + lite_cfg_claim(res) + upcycling_claims(res) + dydit_claim(res)
 
 
@@ -430,7 +430,7 @@ def elastic_section(res: dict) -> list:
     dits = [res["models"][k] for k in ("isoparam", "isoflop") if k in res["models"]]
     note = _beyond_training(res)
     if note:
-        lines += ["", "Note: " + note[2].upper() + note[3:] + "."]
+        lines += ["", f"Note: {note}."]
     return lines + ["", "FID against measured GFLOPs/img: the DC-DiT checkpoint at every budget above"
                     + (", and the DiT/2 rows of Table 1 (" + ", ".join(f"{m['label']}: {1e3 * m['tflops']:.2f} "
                                                                        f"GFLOPs, FID {m['fid']:.2f}" for m in dits)
