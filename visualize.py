@@ -7,6 +7,7 @@ is created the same way; the two plot tools read sample_ddp.py's JSON through `r
 """
 import json
 import os
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -125,8 +126,8 @@ def _draw_chunking(panels: dict, samples: Sequence[int], rows: Sequence[str], pa
                     ax.imshow(panels[row][j, i])
                 ax.set_xticks([])
                 ax.set_yticks([])
-                if j == 0:
-                    ax.set_ylabel(VIZ_ROWS[row] + (f"\nsample {i}" if r == 0 else ""), fontsize=8)
+                if j == 0:  # wrapped to the panel's height, so the labels of neighbouring rows never overlap
+                    ax.set_ylabel(textwrap.fill(VIZ_ROWS[row], 24) + (f"\nsample {i}" if r == 0 else ""), fontsize=8)
                 if a == 0 and r == 0:
                     ax.set_title(f"t = {t}", fontsize=9)
                 if r == len(rows) - 1:

@@ -101,3 +101,24 @@ def test_tail_drop_grid(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main_guard(tail_drop_grid.main)(["--ckpt", ckpt, "--fractions", "1.0", "--out", str(out)])
     assert e.value.code == 2 and "--fractions [1.0]" in capsys.readouterr().err
+
+
+def test_chunking_figure_row_labels_do_not_overlap(tmp_path, monkeypatch):
+    """The two-stage figure's third row has the longest label; each row's label must fit beside its own panel."""
+    import visualize
+    figures = []
+    monkeypatch.setattr(visualize, "write_figure", lambda fig, path, dpi=100: figures.append(fig))
+    s, cols, n = 16, 5, 4  # the report's two-stage figure: 4 samples, 5 timesteps, 16 x 16 tokens
+    panels = {"timesteps": [999, 750, 500, 250, 0], "kept_share": [[0.5] * n] * cols,
+              "x0": np.zeros((cols, n, 64, 64, 3), np.uint8), "p": np.full((cols, n, s, s), 0.5),
+              "kept": np.full((cols, n, s, s), 0.5)}
+    rows = ("x0", "p", "kept")
+    visualize._draw_chunking(panels, range(n), rows, str(tmp_path / "maps.png"))
+    fig = figures[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    left = fig.axes[:n * len(rows) * cols:cols]  # the first column's panels, top to bottom (then the colorbar)
+    assert all(ax.get_ylabel() for ax in left)
+    for ax in left:  # a label taller than its panel runs into the labels of the rows above and below
+        label, panel = ax.yaxis.label.get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert panel.y0 - 1 <= label.y0 and label.y1 <= panel.y1 + 1, (ax.get_ylabel(), label, panel)

@@ -68,10 +68,13 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     assert saved["zero_output"]["fid"] >= 0 and "output layer zeroed" in report
     assert "Baseline bar:" in report and ("**met**" in report or "**not met**" in report)
 
-    # --rerender rewrites the same report from results.json alone.
+    # --rerender rewrites the same report from results.json alone, judging the claims again (here from none).
+    results = (tmp_path / "results.json").read_text()
+    (tmp_path / "results.json").write_text(json.dumps(dict(json.loads(results), claims=[]), indent=1))
     (tmp_path / "REPORT.md").unlink()
     reproduce.main_impl(["--out", str(tmp_path), "--rerender"])
     assert (tmp_path / "REPORT.md").read_text() == report
+    assert (tmp_path / "results.json").read_text() == results
     assert saved["depths"]["kept"] == 64
     # A rerun trains, samples and featurizes nothing (every sample set and the real digits' features are cached in
     # work/scores) and reports the same numbers.
@@ -167,12 +170,24 @@ def test_table3_and_table4_claims_follow_the_numbers():
     good = {"dcdit": 10.0, "teacher": 11.0, "dydit": 10.1, ("upcycle", 200): 50.0, ("upcycle", 500): 12.0,
             ("upcycle", 1000): 9.0, ("distill", 200): 15.0, ("distill", 500): 8.0, ("distill", 1000): 7.0}
     res = _table34(dict(good))
-    assert [h for _, h, _ in reporting.upcycling_claims(res)] == [True, True, True]
+    assert [h for _, h, _ in reporting.upcycling_claims(res)] == [True, True, True]  # no from-scratch budget rows
     assert [h for _, h, _ in reporting.dydit_claim(res)] == [True]
     assert "12.5%" in reporting.upcycling_claims(res)[0][0] and "25%" in reporting.upcycling_claims(res)[1][0]
-    # Distilled at 12.5% loses to the teacher, the warm-up does not help early, DyDiT misses lambda.
-    res = _table34({**good, ("distill", 500): 10.5, ("distill", 200): 60.0}, flops_ratio=0.9)
-    assert [h for _, h, _ in reporting.upcycling_claims(res)] == [False, True, False]
+    # With the from-scratch checkpoints at the budgets: the distilled run against them at equal steps.
+    scratch = {("scratch", 200): 80.0, ("scratch", 500): 30.0, ("scratch", 1000): 20.0}
+    claims = reporting.upcycling_claims(_table34({**good, **scratch}))
+    assert [h for _, h, _ in claims] == [True, True, True, True] and "same steps" in claims[3][0]
+    assert claims[3][2].startswith("at 5%: FID 15.00 vs 80.00") and "at 25%: FID 7.00 vs 20.00" in claims[3][2]
+    # Distilled at 12.5% loses to the teacher, the warm-up does not help early, DyDiT misses lambda; at 5% the
+    # distilled run also loses to the from-scratch checkpoint, so the equal-steps claim holds only partly.
+    res = _table34({**good, **scratch, ("distill", 500): 10.5, ("distill", 200): 60.0}, flops_ratio=0.9)
+    assert [h for _, h, _ in reporting.upcycling_claims(res)] == [False, True, False, True]
+    res = _table34({**good, **scratch, ("distill", 500): 10.5, ("distill", 200): 90.0}, flops_ratio=0.9)
+    assert [h for _, h, _ in reporting.upcycling_claims(res)] == [False, True, False, "partly"]
+    assert "| **partly** |" in "\n".join(reporting.claims_section({"claims": reporting.upcycling_claims(res),
+                                                                    "models": {}}))
+    worse = {k: 200.0 for k in (("distill", 200), ("distill", 500), ("distill", 1000))}
+    assert reporting.upcycling_claims(_table34({**good, **scratch, **worse}))[3][1] is False
     assert [h for _, h, _ in reporting.dydit_claim(res)] == [False]
     # DyDiT reaches lambda but its FID is worse by more than 2 bootstrap sd.
     assert [h for _, h, _ in reporting.dydit_claim(_table34(dict(good, dydit=12.0)))] == [False]

@@ -63,7 +63,7 @@ from tools.reproduction.plan import (AGREEMENT_PAIRS, DCDIT_CONFIG, DIT_CONFIG, 
                                      QUICK, RECOGNITION_BAR, ROOT, SEED, TABLES, ReproduceError, TimeBudgetSpent,
                                      budget_steps, distill_steps, dydit_steps, matched_depths, run_specs,
                                      scaffold_share, teacher_steps, two_stage_spec)
-from tools.reproduction.report import judge, rerender, write_report
+from tools.reproduction.report import judge, rerender, verdict, write_report
 from tools.reproduction.runs import prepare_latent, print_status, train_all
 from tools.reproduction.scoring import Scorer, agreement, boundary_maps, compression_by_step, zero_output
 
@@ -252,7 +252,7 @@ def main_impl(argv=None) -> dict:
     path = write_report(res, out)
     print(f"report: {path} ({res['total_seconds'] / 60:.1f} min)")
     for claim, held, evidence in res["claims"]:
-        print(f"  [{'held' if held else 'NOT held'}] {claim}: {evidence}")
+        print(f"  [{verdict(held)}] {claim}: {evidence}")
     return res
 
 
