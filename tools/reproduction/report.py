@@ -204,6 +204,9 @@ def two_stage_section(res: dict) -> list:
              f"| {m['label']} | {m['params'] / 1e6:.3f}M | {1e3 * m['tflops']:.2f} | {c0['overall']:.2f} | "
              f"{c1['overall']:.2f} | {m['fid']:.2f} ± {m['fid_sd']:.2f} | {_recognised(m)} |", "",
              f"Does hierarchy help here? {_hierarchy_verdict(m, single)}", "",
+             f"At matched FLOPs the two-stage model runs {info['depth']} inner DiT block(s) where the single-stage one "
+             f"runs {res['inner']['depth']}: the inner stage's router and de-chunking at M0 = L/2, and stage 0 "
+             "de-chunking twice as many tokens, take the rest (docs/reproduction.md prices each part).", "",
              "Compression by timestep (L / M, mean over the sampling steps in each band; the figure above has the "
              "curves):", "", "| | t >= 750 | 250 <= t < 750 | t < 250 | all steps |", "|---|---:|---:|---:|---:|",
              f"| single-stage | {_by_band(res['compression']['dcdit'], 'mean')} | {single['compression']:.2f} |",
