@@ -155,7 +155,7 @@ def main_impl(argv=None) -> dict:
     phases["reference features"] = time.perf_counter() - start
 
     models, sets, compression, enrichment, tail, by_key, zero_row = {}, {}, {}, {}, [], {}, None
-    lite, upcycling = [], []
+    lite, upcycling, dit_baseline = [], [], None
     viz_path = os.path.join(out, "boundary_maps.png")
 
     def budget_checkpoint(key: str, steps: int) -> str:
@@ -200,6 +200,12 @@ def main_impl(argv=None) -> dict:
                 upcycling.append({"run": "scratch" if key == "dcdit" else key, "steps": b, "fid": row["fid"],
                                   "fid_sd": row["fid_sd"], "recognised": row["recognised"],
                                   "tflops": row["tflops"], "compression": row["compression"]})
+        if key == "teacher":  # Table 3's DiT row: the teacher's DiT/2 at the from-scratch steps (DiT-XL/2 at 400K)
+            path = budget_checkpoint(key, plan.steps)
+            m, c = load_model_for_sampling(SimpleNamespace(config=None, overrides=[]), path)
+            row, _ = scorer.score(m, c, f"{key} at step {plan.steps}", path, vae=vae)
+            dit_baseline = {"steps": plan.steps, "params": count_params(m), "fid": row["fid"], "fid_sd": row["fid_sd"],
+                            "recognised": row["recognised"], "tflops": row["tflops"], "compression": row["compression"]}
         if key == "isoparam":  # the same seeds through a DiT that predicts nothing: the no-learning reference
             row, s = scorer.score(zero_output(model), cfg, "zero-output DiT", trained[key]["ckpt"] + "#zero output",
                                   vae=vae)
@@ -228,6 +234,7 @@ def main_impl(argv=None) -> dict:
            "enrichment": enrichment, "tail_drop": tail, "phases": phases, "recipe": recipe,
            "two_stage": two_stage[1] if two_stage else None, "lite_cfg": lite, "upcycling": upcycling,
            "budgets": list(budgets), "distill_steps": distill_steps(plan), "teacher_steps": teacher_steps(plan),
+           "dit_baseline": dit_baseline,
            "dydit": {"target": DYDIT_TARGET, "steps": dydit_steps(plan),
                      "lr": dcdit_cfg.train.lr * DYDIT_LR_SCALE},
            "zero_output": zero_row, "recognition_bar": RECOGNITION_BAR,
