@@ -492,3 +492,12 @@ def test_minutes_stops_before_the_next_sample_set_and_exits_3(tmp_path, monkeypa
     with pytest.raises(SystemExit) as bad:
         reproduce.main(["--out", str(tmp_path / "r"), "--minutes", "0"])
     assert bad.value.code == 2
+
+
+def test_the_report_says_when_its_invocation_reused_earlier_runs():
+    fresh = {"total_seconds": 600.0, "phases": {"training (2 models), this invocation": 500.0,
+                                                "training dcdit (from its log)": 300.0,
+                                                "training random (from its log)": 290.0}}
+    assert reporting._invocation_time(fresh) == "total wall time 10.0 min."
+    reused = {"total_seconds": 600.0, "phases": dict(fresh["phases"], **{"training (2 models), this invocation": 0.0})}
+    assert reporting._invocation_time(reused).startswith("this invocation took 10.0 min, reusing the runs")
