@@ -204,7 +204,8 @@ def main_impl(argv=None) -> dict:
             path = budget_checkpoint(key, plan.steps)
             m, c = load_model_for_sampling(SimpleNamespace(config=None, overrides=[]), path)
             row, _ = scorer.score(m, c, f"{key} at step {plan.steps}", path, vae=vae)
-            dit_baseline = {"steps": plan.steps, "params": count_params(m), "fid": row["fid"], "fid_sd": row["fid_sd"],
+            dit_baseline = {"label": f"DiT/2 baseline (depth {c.model.depth})", "steps": plan.steps,
+                            "params": count_params(m), "fid": row["fid"], "fid_sd": row["fid_sd"],
                             "recognised": row["recognised"], "tflops": row["tflops"], "compression": row["compression"]}
         if key == "isoparam":  # the same seeds through a DiT that predicts nothing: the no-learning reference
             row, s = scorer.score(zero_output(model), cfg, "zero-output DiT", trained[key]["ckpt"] + "#zero output",

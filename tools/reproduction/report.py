@@ -251,7 +251,7 @@ def upcycling_section(res: dict) -> list:
     params = {"scratch": full["params"], **{k: res["models"][k]["params"] for k in ("upcycle", "distill")}}
     dit = res["dit_baseline"]
     for label, m, steps in ((teacher["label"], teacher, _teacher_steps(res)),
-                            (teacher["label"].replace("teacher", "baseline"), dit, dit["steps"]),
+                            (dit["label"], dit, dit["steps"]),
                             ("DC-DiT from scratch", full, p["steps"])):
         lines.append(f"| {label} | {m['params'] / 1e6:.3f}M | {steps} | {100 * steps / p['steps']:.3g}% | "
                      f"{1e3 * m['tflops']:.2f} | "
@@ -359,7 +359,8 @@ def setup_section(res: dict) -> list:
         "",
         f"Produced by `{res['command']}` on {res['machine']} (torch {res['torch']}, {res['threads']} threads), "
         f"git {res['git']}, {res['date']}; " + _invocation_time(res) + " Every number below was computed by that "
-        "command from the runs it made; the raw values are in `results.json`." + (" **QUICK MODE: tiny sizes, numbers are a smoke test, not results.**" if res["quick"] else ""),
+        "command from the runs it made; the raw values are in `results.json`."
+        + (" **QUICK MODE: tiny sizes, numbers are a smoke test, not results.**" if res["quick"] else ""),
         "",
         "## Setup",
         "",
