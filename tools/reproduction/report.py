@@ -327,7 +327,7 @@ def _invocation_time(res: dict) -> str:
     """The wall time of the invocation that wrote results.json, and whether it reused earlier invocations' runs:
     some run's log records more training than this invocation's whole training phase (runs side by side under
     --jobs each take at most that)."""
-    own = sum(v for k, v in res["phases"].items() if k.startswith("training (") and k.endswith("this invocation"))
+    own = sum(v for k, v in res["phases"].items() if k.startswith("training ("))  # "training (N models)..."
     logged = [v for k, v in res["phases"].items() if k.endswith("(from its log)")]
     if max(logged, default=0.0) > own + 60:
         return (f"this invocation took {res['total_seconds'] / 60:.1f} min, reusing the runs and sample sets that "
