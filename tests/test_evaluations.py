@@ -20,8 +20,8 @@ from evaluations.activations import compute_activations
 from evaluations.images import ArrayImages, ImageInputError
 from evaluations.inception import (SPATIAL_DIM, WeightsUnavailable, fid_helper_weights_path, load_inception,
                                    spatial_features)
-from evaluations.metrics import (_squared_distances, frechet_distance, gaussian_statistics, inception_score,
-                                 precision_recall)
+from evaluations.metrics import (_squared_distances, frechet_distance, frechet_distance_to_activations,
+                                 gaussian_statistics, inception_score, precision_recall)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_LINES = ("Inception Score:", "FID:", "sFID:", "Precision:", "Recall:")
@@ -36,7 +36,7 @@ def test_frechet_distance_diagonal_closed_form(method):
     s1, s2 = rng.uniform(0.1, 3, size=6), rng.uniform(0.1, 3, size=6)
     expected = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
     got = frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2), method=method)
-    assert got == pytest.approx(expected, rel=1e-10)
+    assert got == pytest.approx(expected, rel=1e-7)
 
 
 @pytest.mark.parametrize("method", ["sqrtm", "eigh"])
@@ -107,6 +107,39 @@ def test_frechet_distance_of_given_non_diagonal_gaussians(method):
     assert got == pytest.approx(6.607695154586736, rel=1e-9)
     # 1-D: |1 - 4|^2 + 4 + 9 - 2 sqrt(36) = 9 + 13 - 12 = 10 (scalars are accepted as 1-D statistics)
     assert frechet_distance(1.0, 4.0, 4.0, 9.0, method=method) == pytest.approx(10.0, rel=1e-12)
+
+
+def test_frechet_distance_to_few_activations_equals_the_hand_computed_value():
+    """Two activations in 2-D (N - 1 < D, the low-rank route): mean (1, 1), sigma2 = [[2, 2], [2, 2]] (ddof 1).
+    sigma1 sigma2 = [[6, 6], [6, 6]] has eigenvalues 12 and 0, so FID = |(1, 1)|^2 + 4 + 4 - 2 sqrt(12)
+    = 10 - 4 sqrt(3) = 3.0717967697244903."""
+    got = frechet_distance_to_activations(np.zeros(2), np.array([[2.0, 1.0], [1.0, 2.0]]),
+                                          np.array([[0.0, 0.0], [2.0, 2.0]]))
+    assert got == pytest.approx(3.0717967697244903, rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [20, 65, 200])  # fewer samples than dimensions (low-rank route), N - 1 = D, more
+def test_frechet_distance_to_activations_equals_adm_and_the_nuclear_norm(n):
+    rng = np.random.default_rng(n)
+    ref = rng.normal(size=(40, 64)) @ rng.normal(size=(64, 64)) / 8     # rank-deficient reference, as at 2048-d
+    acts = rng.normal(size=(n, 64)) + 0.2
+    mu1, sigma1 = gaussian_statistics(ref)
+    got = frechet_distance_to_activations(mu1, sigma1, acts)
+    assert got == pytest.approx(frechet_distance(mu1, sigma1, *gaussian_statistics(acts)), rel=1e-6)  # ADM sqrtm
+    # Independently of both routes: tr sqrt(sigma1 sigma2) is the nuclear norm of X2 X1^T / sqrt((N1-1)(N2-1)).
+    # (Eigenvalues at rounding level enter the eigenvalue routes through their square roots: about 1e-8 apart.)
+    x1, x2 = ref - mu1, acts - acts.mean(0)
+    nuclear = np.linalg.svd(x2 @ x1.T, compute_uv=False).sum() / np.sqrt((len(ref) - 1) * (n - 1))
+    d = mu1 - acts.mean(0)
+    expected = d @ d + np.trace(sigma1) + (x2 * x2).sum() / (n - 1) - 2 * nuclear
+    assert got == pytest.approx(expected, rel=1e-7)
+
+
+def test_frechet_distance_to_activations_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"activations of shape \(5, 3\); expected \(N, 2\)"):
+        frechet_distance_to_activations(np.zeros(2), np.eye(2), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match=r"covariance of shape \(3, 3\); expected \(2, 2\)"):
+        frechet_distance_to_activations(np.zeros(2), np.eye(3), np.zeros((5, 2)))
 
 
 # ------------------------------------------------------------------ Inception Score

@@ -3,6 +3,7 @@ library modules, never the scripts, and nothing edits sys.path to find the repos
 import ast
 import glob
 import os
+import subprocess
 
 import pytest
 
@@ -19,11 +20,17 @@ def _setuptools():
 
 
 def _source_files():
-    """Every .py of the repository outside tests/ and the virtual environment."""
-    for path in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True):
-        rel = os.path.relpath(path, ROOT)
-        if not rel.startswith(("tests" + os.sep, ".venv" + os.sep, "build" + os.sep)):
-            yield rel, path
+    """Every .py of the repository outside tests/: in a git checkout the files git does not ignore (tracked or
+    new), so local scratch in ignored folders (a report's work/, build/, .venv/) is not the repository's code."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout (an unpacked archive): every file
+        listed = [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True)]
+    for rel in sorted(set(listed)):
+        path = os.path.join(ROOT, rel)
+        if os.path.isfile(path) and not rel.startswith(("tests" + os.sep, ".venv" + os.sep, "build" + os.sep)):
+            yield os.path.normpath(rel), path
 
 
 def test_pyproject_lists_every_module_and_package():

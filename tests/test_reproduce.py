@@ -94,6 +94,14 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     assert again["seconds"] == saved["models"]["dcdit"]["train_seconds"] > 0  # from the run's log, both times
 
 
+def test_rerender_names_a_missing_table3_baseline(tmp_path):
+    rows = [{"run": "distill", "steps": 500, "fid": 30.0, "fid_sd": 1.0}]
+    (tmp_path / "results.json").write_text(json.dumps({"depths": {"kept": 64}, "upcycling": rows}))
+    with pytest.raises(plan.ReproduceError, match="has Table 3's rows but no DiT/2 baseline row"):
+        reproduce.main_impl(["--out", str(tmp_path), "--rerender"])
+    assert not (tmp_path / "REPORT.md").exists()
+
+
 def test_matched_depths_pick_the_closest_dit():
     dc_cfg = load_config(os.path.join(plan.ROOT, plan.DCDIT_CONFIG))
     dit_cfg = load_config(os.path.join(plan.ROOT, plan.DIT_CONFIG))

@@ -533,6 +533,10 @@ def rerender(out: str) -> dict:
         raise ReproduceError(f"--rerender: no {path}; run without --rerender first")
     with open(path) as f:
         res = json.load(f)
+    if res.get("upcycling") and not res.get("dit_baseline"):
+        raise ReproduceError(f"--rerender: {path} has Table 3's rows but no DiT/2 baseline row (written before that "
+                             "row was scored); run the same command without --rerender: it reuses the trained runs "
+                             "and cached sample sets and scores only what is missing")
     if "kept" not in res["depths"]:  # results.json files written before M = L/N was saved with them
         cfg = load_config(os.path.join(ROOT, DCDIT_CONFIG)).model
         res["depths"]["kept"] = round(cfg.input_size ** 2 / cfg.downsample_factor)

@@ -16,7 +16,7 @@ from evaluations.activations import compute_activations
 from evaluations.digits import load_classifier, recognised
 from evaluations.images import ArrayImages
 from evaluations.inception import WeightsUnavailable, feature_net, file_sha256
-from evaluations.metrics import frechet_distance, gaussian_statistics
+from evaluations.metrics import frechet_distance_to_activations, gaussian_statistics
 from fileio import atomic_write
 from models.flops import dcdit_flops_coeffs, forward_flops, tflops_from_counts
 from sampling import Sampler, generate
@@ -108,10 +108,10 @@ def features(net, images: np.ndarray, desc: str) -> np.ndarray:
 
 def fid_with_spread(ref_stats, acts: np.ndarray, bootstraps: int) -> tuple:
     """FID of `acts` against the reference, and the std of FID over bootstrap resamples of `acts`."""
-    fid = frechet_distance(*ref_stats, *gaussian_statistics(acts), method="eigh")
+    fid = frechet_distance_to_activations(*ref_stats, acts)
     g = np.random.default_rng(SEED)
-    boots = [frechet_distance(*ref_stats, *gaussian_statistics(acts[g.integers(0, len(acts), len(acts))]),
-                              method="eigh") for _ in range(bootstraps)]
+    boots = [frechet_distance_to_activations(*ref_stats, acts[g.integers(0, len(acts), len(acts))])
+             for _ in range(bootstraps)]
     return float(fid), float(np.std(boots, ddof=1)) if len(boots) > 1 else float("nan")
 
 
