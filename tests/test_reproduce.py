@@ -102,6 +102,49 @@ def test_rerender_names_a_missing_table3_baseline(tmp_path):
     assert not (tmp_path / "REPORT.md").exists()
 
 
+def test_distill_ablation_adds_one_table3_run_with_a_longer_warm_up():
+    dc_cfg = load_config(os.path.join(plan.ROOT, plan.DCDIT_CONFIG))
+    depths = {"isoparam": 2, "isoflop": 3}
+    specs = plan.run_specs(depths, plan.FULL_LATENT, dc_cfg, tables=("3",), distill_ablation=True)
+    assert list(specs) == ["dcdit", "teacher", "upcycle", "distill", "distill_long"]  # after the teacher it needs
+    short, long = (plan.distill_steps(plan.FULL_LATENT), plan.distill_ablation_steps(plan.FULL_LATENT))
+    assert (short, long) == (125, 500)
+    assert f"upcycle.distill_steps={long}" in specs["distill_long"][2]
+    assert specs["distill_long"][2][:-1] == specs["distill"][2][:-1]  # nothing else differs from the paper's run
+    assert "distill_long" not in plan.run_specs(depths, plan.FULL_LATENT, dc_cfg, tables=("3",))
+    with pytest.raises(plan.ReproduceError, match="add 3 to --tables"):
+        plan.run_specs(depths, plan.FULL_LATENT, dc_cfg, tables=("1",), distill_ablation=True)
+    with pytest.raises(plan.ReproduceError, match="leaves no diffusion training before the last budget"):
+        plan.run_specs(depths, plan.QUICK, dc_cfg, tables=("3",), distill_ablation=True)  # 4 steps of 3
+
+
+def test_table3_section_lists_the_ablation_rows_beside_the_paper_run():
+    def row(run, steps, fid):
+        return {"run": run, "steps": steps, "fid": fid, "fid_sd": 1.0, "recognised": 0.5, "tflops": 0.01,
+                "compression": 4.0}
+
+    model = {"label": "m", "params": 1e6, "tflops": 0.01, "compression": 4.0, "fid": 20.0, "fid_sd": 1.0,
+             "recognised": 0.9}
+    res = {"plan": {"steps": 1000}, "budgets": [50, 125, 250], "distill_steps": 12, "distill_ablation_steps": 48,
+           "teacher_steps": 2000, "models": {k: dict(model) for k in ("teacher", "dcdit", "upcycle", "distill",
+                                                                       "distill_long")},
+           "dit_baseline": dict(model, steps=1000),
+           "upcycling": [row(run, b, fid + b / 10) for run, fid in (("scratch", 300), ("upcycle", 200),
+                                                                   ("distill", 100), ("distill_long", 50))
+                         for b in (50, 125, 250)]}
+    text = "\n".join(reporting.upcycling_section(res))
+    assert "| DC-DiT upcycled + distilled (48 steps, ablation) | 1.000M | 125 | 12.5% |" in text
+    order = [text.index(f"| {name} | 1.000M | 50 |") for name in ("DC-DiT from scratch", "DC-DiT upcycled",
+             "DC-DiT upcycled + distilled (12 steps)", "DC-DiT upcycled + distilled (48 steps, ablation)")]
+    assert order == sorted(order)
+    assert ("warm-up of 48 steps (4.8% of the from-scratch steps) instead of 12: FID 55.00 ± 1.00 vs 105.00 ± 1.00 "
+            "at 50 steps, 62.50 ± 1.00 vs 112.50 ± 1.00 at 125 steps, 75.00 ± 1.00 vs 125.00 ± 1.00 at 250 steps.") \
+        in text
+    del res["models"]["distill_long"], res["distill_ablation_steps"]
+    res["upcycling"] = [r for r in res["upcycling"] if r["run"] != "distill_long"]
+    assert "ablation" not in "\n".join(reporting.upcycling_section(res))  # a report without it is unchanged
+
+
 def test_matched_depths_pick_the_closest_dit():
     dc_cfg = load_config(os.path.join(plan.ROOT, plan.DCDIT_CONFIG))
     dit_cfg = load_config(os.path.join(plan.ROOT, plan.DIT_CONFIG))

@@ -26,7 +26,8 @@ and, for the paper's other tables:
   the from-scratch DC-DiT's checkpoints at the same steps;
 - Table 4 (§4.5): DyDiT's gates on the trained DC-DiT's inner blocks, fine-tuned towards lambda = 0.7 of its FLOPs.
 (`--tables 1` trains only the learned DC-DiT and the DiTs, `--tables 2` only the two DC-DiTs, `--tables 3` the
-DC-DiT, the teacher and the two upcycled runs, `--tables 4` the DC-DiT and its DyDiT fine-tune.) Then samples
+DC-DiT, the teacher and the two upcycled runs, `--tables 4` the DC-DiT and its DyDiT fine-tune; `--distill-ablation`
+adds a third upcycled run to Table 3, distilled 4 x as long as the paper's share.) Then samples
 every model from the same per-image noise and labels, scores FID against real digits (the TF
 Inception network when its weights are installed, else flattened pixels, labelled as such), and measures
 where the learned boundaries land, how compression follows the timestep and what tail dropping and Lite-CFG
@@ -61,8 +62,8 @@ from tools.reproduction.figures import plot_compression, plot_enrichment, plot_p
 from tools.reproduction.plan import (AGREEMENT_PAIRS, DCDIT_CONFIG, DIT_CONFIG, DYDIT_LR_SCALE, DYDIT_TARGET,
                                      FRACTIONS, FULL, FULL_LATENT, LATENT_CONFIGS, LITE_CFG_FRACTIONS, PAPER_CONFIG,
                                      QUICK, RECOGNITION_BAR, ROOT, SEED, TABLES, ReproduceError, TimeBudgetSpent,
-                                     budget_steps, distill_steps, dydit_steps, matched_depths, run_specs,
-                                     scaffold_share, teacher_steps, two_stage_spec)
+                                     budget_steps, distill_ablation_steps, distill_steps, dydit_steps, matched_depths,
+                                     run_specs, scaffold_share, teacher_steps, two_stage_spec)
 from tools.reproduction.report import judge, rerender, verdict, write_report
 from tools.reproduction.runs import prepare_latent, print_status, train_all
 from tools.reproduction.scoring import Scorer, agreement, boundary_maps, compression_by_step, zero_output
@@ -99,6 +100,9 @@ def main_impl(argv=None) -> dict:
     parser.add_argument("--two-stage", action="store_true",
                         help="also train and score a two-stage DC-DiT (N = 2 then 2) whose forward FLOPs match the "
                              "single-stage model's at M = L/4")
+    parser.add_argument("--distill-ablation", action="store_true",
+                        help="with Table 3, also train and score an upcycled + distilled run whose distillation "
+                             "warm-up is 4 x the paper's share of the steps (scored at the same budgets)")
     parser.add_argument("--tables", nargs="+", choices=tuple(TABLES), default=list(TABLES),
                         help="which tables to train and score: 1 = DC-DiT vs the parameter- and FLOP-matched DiT/2, "
                              "2 = learned vs random boundaries, 3 = upcycling a DiT/2 with and without distillation, "
@@ -142,7 +146,7 @@ def main_impl(argv=None) -> dict:
     dcdit_cfg, dit_cfg = (load_config(os.path.join(ROOT, c), data) for c in configs)
     depths = matched_depths(dcdit_cfg, dit_cfg)
     two_stage = two_stage_spec(dcdit_cfg) if args.two_stage else None
-    specs = run_specs(depths, plan, dcdit_cfg, configs, data, two_stage, tuple(args.tables))
+    specs = run_specs(depths, plan, dcdit_cfg, configs, data, two_stage, tuple(args.tables), args.distill_ablation)
     if args.status:
         return {"runs": print_status(work, specs, latent)}
     start = time.perf_counter()
@@ -189,7 +193,7 @@ def main_impl(argv=None) -> dict:
                                       vae=vae)
                 row.pop("ratio")
                 lite.append(dict(row, uncond_f=u))
-        if key in ("upcycle", "distill") or (key == "dcdit" and "3" in args.tables):
+        if key in ("upcycle", "distill", "distill_long") or (key == "dcdit" and "3" in args.tables):
             for b in budgets:  # Table 3: each run at each budget (the upcycled runs end at the last one)
                 if key != "dcdit" and b == budgets[-1]:
                     row = dict(models[key])
@@ -235,6 +239,7 @@ def main_impl(argv=None) -> dict:
            "enrichment": enrichment, "tail_drop": tail, "phases": phases, "recipe": recipe,
            "two_stage": two_stage[1] if two_stage else None, "lite_cfg": lite, "upcycling": upcycling,
            "budgets": list(budgets), "distill_steps": distill_steps(plan), "teacher_steps": teacher_steps(plan),
+           "distill_ablation_steps": distill_ablation_steps(plan) if args.distill_ablation else None,
            "dit_baseline": dit_baseline,
            "dydit": {"target": DYDIT_TARGET, "steps": dydit_steps(plan),
                      "lr": dcdit_cfg.train.lr * DYDIT_LR_SCALE},

@@ -28,11 +28,15 @@ TABLES = {"1": ("dcdit", "isoparam", "isoflop"), "2": ("dcdit", "random"),
           "3": ("dcdit", "teacher", "upcycle", "distill"), "4": ("dcdit", "dydit")}
 TABLE1_ROWS = ("dcdit", "random", "isoparam", "isoflop", "twostage")  # the rows of the report's main table
 # Training order: Tables 1-2 and the two-stage model first; then the runs that start from another's checkpoint.
-TRAIN_ORDER = ("dcdit", "random", "isoparam", "isoflop", "twostage", "teacher", "upcycle", "distill", "dydit")
+TRAIN_ORDER = ("dcdit", "random", "isoparam", "isoflop", "twostage", "teacher", "upcycle", "distill", "distill_long",
+               "dydit")
 # Table 3 (§4.4): upcycled runs are scored at 20K, 50K and 100K steps, 5%, 12.5% and 25% of the 400K steps a
 # from-scratch DC-DiT trains; "+ Distilled" spends its first 5K steps (1.25%) on activation distillation.
 UPCYCLE_BUDGETS = (0.05, 0.125, 0.25)
 DISTILL_SHARE = 5 / 400
+# --distill-ablation: one more Table 3 run whose distillation warm-up is this many times the paper's share, to test
+# whether the paper's share is too short for a scaffold trained from nothing (docs/reproduction.md).
+DISTILL_ABLATION_SCALE = 4
 # Table 3's teacher trains TEACHER_SHARE x the from-scratch steps. The paper's teacher, the public DiT-XL/2, trained
 # 7M steps, 17.5 x the DC-DiT's 400K; at the DC-DiT's own steps the latent teacher (a DiT/2 of just the DC-DiT's inner
 # blocks) was recognised on 88% of its samples, under the report's bar for a competent baseline (docs/reproduction.md).
@@ -139,6 +143,11 @@ def distill_steps(plan: Plan) -> int:
     return max(1, round(DISTILL_SHARE * plan.steps))
 
 
+def distill_ablation_steps(plan: Plan) -> int:
+    """The --distill-ablation run's warm-up: DISTILL_ABLATION_SCALE x the paper's share, in steps."""
+    return DISTILL_ABLATION_SCALE * distill_steps(plan)
+
+
 def teacher_steps(plan: Plan) -> int:
     return plan.steps * TEACHER_SHARE
 
@@ -149,11 +158,12 @@ def dydit_steps(plan: Plan) -> int:
 
 
 def run_specs(depths: dict, plan: Plan, dcdit_cfg, configs: tuple = (DCDIT_CONFIG, DIT_CONFIG), data: tuple = (),
-              two_stage: tuple = None, tables: tuple = tuple(TABLES)) -> dict:
+              two_stage: tuple = None, tables: tuple = tuple(TABLES), distill_ablation: bool = False) -> dict:
     """key -> (label, config, overrides) of the training runs of `tables` (every table's by default); dcdit_cfg is the
     DC-DiT's loaded config (the teacher's depth and DyDiT's learning rate follow it); `data` adds
     the latent space's data overrides, `two_stage` (overrides, info from two_stage_spec) one more run: the
-    two-stage DC-DiT. Overrides may name another run's final checkpoint as {key} (the teacher an upcycled run
+    two-stage DC-DiT, and `distill_ablation` another with Table 3 (its upcycled + distilled run with a longer
+    warm-up). Overrides may name another run's final checkpoint as {key} (the teacher an upcycled run
     starts from, the DC-DiT DyDiT fine-tunes): runs are trained in this order, so it exists by then."""
     dcdit, dit = configs
     half = plan.steps // 2
@@ -185,6 +195,8 @@ def run_specs(depths: dict, plan: Plan, dcdit_cfg, configs: tuple = (DCDIT_CONFI
         "upcycle": ("DC-DiT upcycled", dcdit, upcycle + ["upcycle.distill_steps=0"]),
         "distill": ("DC-DiT upcycled + distilled", dcdit,
                     upcycle + [f"upcycle.distill_steps={distill_steps(plan)}"]),
+        "distill_long": (f"DC-DiT upcycled + distilled, {DISTILL_ABLATION_SCALE} x the warm-up", dcdit,
+                         upcycle + [f"upcycle.distill_steps={distill_ablation_steps(plan)}"]),
         "dydit": (f"DC-DiT + DyDiT (lambda = {DYDIT_TARGET})", dcdit,
                   steps(fine_tune, math.gcd(plan.ckpt_every, fine_tune))
                   + ["train.multi_budget=true", "train.multi_budget_start_step=0",
@@ -196,5 +208,11 @@ def run_specs(depths: dict, plan: Plan, dcdit_cfg, configs: tuple = (DCDIT_CONFI
         overrides, info = two_stage
         specs["twostage"] = (f"DC-DiT two-stage N = 2 x 2 (inner depth {info['depth']})", dcdit,
                              common + budget + list(overrides))
+    if distill_ablation and "3" not in tables:
+        raise ReproduceError("--distill-ablation adds a Table 3 run; add 3 to --tables")
+    if distill_ablation and distill_ablation_steps(plan) >= budgets[-1]:
+        raise ReproduceError(f"--distill-ablation: its warm-up of {distill_ablation_steps(plan)} steps leaves no "
+                             f"diffusion training before the last budget ({budgets[-1]} steps)")
     wanted = {k for t in tables for k in TABLES[t]} | ({"twostage"} if two_stage is not None else set())
+    wanted |= {"distill_long"} if distill_ablation else set()
     return {k: specs[k] for k in TRAIN_ORDER if k in wanted}

@@ -231,7 +231,8 @@ def upcycling_section(res: dict) -> list:
         return []
     p, teacher, full = res["plan"], res["models"]["teacher"], res["models"]["dcdit"]
     names = {"scratch": "DC-DiT from scratch", "upcycle": "DC-DiT upcycled",
-             "distill": f"DC-DiT upcycled + distilled ({res['distill_steps']} steps)"}
+             "distill": f"DC-DiT upcycled + distilled ({res['distill_steps']} steps)",
+             "distill_long": f"DC-DiT upcycled + distilled ({res.get('distill_ablation_steps')} steps, ablation)"}
     lines = ["## Table 3 in miniature: upcycling", "",
              f"The teacher is a DiT/2 whose blocks are the DC-DiT's inner blocks ({teacher['label']}, "
              f"{teacher['params'] / 1e6:.3f}M parameters), trained {_teacher_steps(res)} steps "
@@ -248,7 +249,7 @@ def upcycling_section(res: dict) -> list:
              "so the same as a run stopped there).", "",
              "| model | params | steps | share of budget | GFLOPs/img | mean compression L/M | FID | recognised |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    params = {"scratch": full["params"], **{k: res["models"][k]["params"] for k in ("upcycle", "distill")}}
+    params = {"scratch": full["params"], **{k: res["models"][k]["params"] for k in names if k in res["models"]}}
     dit = res["dit_baseline"]
     for label, m, steps in ((teacher["label"], teacher, _teacher_steps(res)),
                             (dit["label"], dit, dit["steps"]),
@@ -256,13 +257,23 @@ def upcycling_section(res: dict) -> list:
         lines.append(f"| {label} | {m['params'] / 1e6:.3f}M | {steps} | {100 * steps / p['steps']:.3g}% | "
                      f"{1e3 * m['tflops']:.2f} | "
                      f"{m['compression']:.2f} | {m['fid']:.2f} ± {m['fid_sd']:.2f} | {100 * m['recognised']:.1f}% |")
-    for r in sorted(res["upcycling"], key=lambda r: (("scratch", "upcycle", "distill").index(r["run"]), r["steps"])):
+    for r in sorted(res["upcycling"], key=lambda r: (list(names).index(r["run"]), r["steps"])):
         lines.append(f"| {names[r['run']]} | {params[r['run']] / 1e6:.3f}M | {r['steps']} | "
                      f"{100 * r['steps'] / p['steps']:.3g}% | {1e3 * r['tflops']:.2f} | {r['compression']:.2f} | "
                      f"{r['fid']:.2f} ± {r['fid_sd']:.2f} | {100 * r['recognised']:.1f}% |")
-    return lines + ["", "The paper's teacher (DiT-XL/2) trained 17.5 x the DC-DiT's budget; this one trained "
-                    f"{_teacher_steps(res) / p['steps']:g} x, so upcycling starts from a relatively weaker backbone "
-                    "here than there.", ""]
+    lines += ["", "The paper's teacher (DiT-XL/2) trained 17.5 x the DC-DiT's budget; this one trained "
+              f"{_teacher_steps(res) / p['steps']:g} x, so upcycling starts from a relatively weaker backbone "
+              "here than there."]
+    if res.get("distill_ablation_steps"):  # --distill-ablation
+        long = {r["steps"]: r for r in res["upcycling"] if r["run"] == "distill_long"}
+        short = {r["steps"]: r for r in res["upcycling"] if r["run"] == "distill"}
+        lines += ["", f"Ablation (`--distill-ablation`, not in the paper): the same upcycled + distilled run with a "
+                  f"warm-up of {res['distill_ablation_steps']} steps "
+                  f"({100 * res['distill_ablation_steps'] / p['steps']:.3g}% of the from-scratch steps) instead of "
+                  f"{res['distill_steps']}: FID " + ", ".join(
+                      f"{long[b]['fid']:.2f} ± {long[b]['fid_sd']:.2f} vs {short[b]['fid']:.2f} ± "
+                      f"{short[b]['fid_sd']:.2f} at {b} steps" for b in res["budgets"]) + "."]
+    return lines + [""]
 
 
 def dydit_section(res: dict) -> list:
