@@ -350,6 +350,10 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = args.tf32
     try:
         run(args, rank, world, device)
+        # Every rank leaves the process group together, once rank 0 has written the .npz: a rank that tore its
+        # group down while rank 0 still worked was seen to abort in gloo's shutdown (SIGABRT, so torchrun reported
+        # the run failed). After an error nobody waits here: torchrun stops the other ranks.
+        barrier()
     finally:
         teardown_distributed()
 

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import sample_ddp
@@ -106,6 +107,31 @@ def test_two_processes_give_the_same_images_as_one(ckpt, uninterrupted, tmp_path
     assert report2["world_size"] == 2 and report2["measured_images"] == N
     assert report2["kept_tokens"] == report1["kept_tokens"]            # gathered from both ranks, index order
     assert report2["tflops_per_img"] == pytest.approx(report1["tflops_per_img"])
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_ranks_leave_the_process_group_together_after_a_run(monkeypatch, fails):
+    """On success every rank meets at a barrier before tearing its group down (no rank exits while rank 0 still
+    writes the .npz); after an error the group is torn down at once, with no barrier to hang on."""
+    calls = []
+
+    def run(*args):
+        calls.append("run")
+        if fails:
+            raise sample_ddp.SampleError("boom")
+
+    monkeypatch.setattr(sample_ddp, "parse_args", lambda argv: argparse.Namespace(device="cpu"))
+    monkeypatch.setattr(sample_ddp, "setup_distributed", lambda flag: (1, 2, torch.device("cpu")))
+    monkeypatch.setattr(sample_ddp, "run", run)
+    monkeypatch.setattr(sample_ddp, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(sample_ddp, "teardown_distributed", lambda: calls.append("teardown"))
+    if fails:
+        with pytest.raises(sample_ddp.SampleError):
+            sample_ddp.main([])
+        assert calls == ["run", "teardown"]
+    else:
+        sample_ddp.main([])
+        assert calls == ["run", "barrier", "teardown"]
 
 
 def test_resumed_run_equals_uninterrupted_and_redraws_corrupt_pngs(ckpt, uninterrupted, tmp_path):
