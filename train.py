@@ -695,6 +695,9 @@ def main(argv=None):
     if not stopping:
         logger.info("done")
     run.tracker.close()
+    # end_training destroys the process group at once; ranks meet first, so none tears down while the main process
+    # still closes its tracker (sample_ddp.py saw gloo abort a rank that left early).
+    acc.wait_for_everyone()
     acc.end_training()
     if run.lock is not None:
         run.lock.close()  # the folder is free for the next trainer, also when main() is called in-process
