@@ -265,14 +265,13 @@ def upcycling_section(res: dict) -> list:
               f"{_teacher_steps(res) / p['steps']:g} x, so upcycling starts from a relatively weaker backbone "
               "here than there."]
     if res.get("distill_ablation_steps"):  # --distill-ablation
-        long = {r["steps"]: r for r in res["upcycling"] if r["run"] == "distill_long"}
-        short = {r["steps"]: r for r in res["upcycling"] if r["run"] == "distill"}
+        rows = {(r["run"], r["steps"]): r for r in res["upcycling"]}
+        fid = lambda run, b: f"{rows[(run, b)]['fid']:.2f} ± {rows[(run, b)]['fid_sd']:.2f}"  # noqa: E731
         lines += ["", f"Ablation (`--distill-ablation`, not in the paper): the same upcycled + distilled run with a "
                   f"warm-up of {res['distill_ablation_steps']} steps "
                   f"({100 * res['distill_ablation_steps'] / p['steps']:.3g}% of the from-scratch steps) instead of "
                   f"{res['distill_steps']}: FID " + ", ".join(
-                      f"{long[b]['fid']:.2f} ± {long[b]['fid_sd']:.2f} vs {short[b]['fid']:.2f} ± "
-                      f"{short[b]['fid_sd']:.2f} at {b} steps" for b in res["budgets"]) + "."]
+                      f"{fid('distill_long', b)} vs {fid('distill', b)} at {b} steps" for b in res["budgets"]) + "."]
     return lines + [""]
 
 
